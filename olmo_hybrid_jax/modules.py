@@ -1,0 +1,313 @@
+"""Flax NNX building blocks of OLMo Hybrid.
+
+Attribute names follow the Hugging Face module tree (``q_proj``, ``linear_attn``, ``o_norm``, ...), so a
+checkpoint tensor maps onto a parameter path by renaming ``weight`` to ``kernel``/``embedding`` and
+transposing; see ``olmo_hybrid_jax.convert``.
+
+Dtypes: parameters are stored in ``param_dtype`` (fp32 master weights by default); matmuls run in
+``dtype`` (e.g. bf16). Norm statistics, the GDN gates and the recurrence always run in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels import gated_delta_rule
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def dense(in_features: int, out_features: int, *, std: float, bias: bool = False, dtype=None,
+          param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    """A bias-free (by default) linear layer; kernel [in, out] = the PyTorch weight transposed."""
+    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=_normal(std), bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """OLMo RMSNorm: ``(w * (x_f32 * rsqrt(mean(x_f32^2) + eps))).astype(x.dtype)``.
+
+    The weight multiplies in fp32 before the cast back (OLMo 2/3 style, not Llama's cast-then-multiply).
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """Per-head gated RMSNorm of the GDN output: norm -> weight -> * silu(gate), all in fp32.
+
+    ``x`` and ``gate`` are [..., dv]; the weight [dv] is shared across heads. eps is 1e-5 in the
+    released model (FLA's FusedRMSNormGated default, hard-coded in HF), not the config's rms_norm_eps.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array, gate: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = self.weight[...].astype(jnp.float32) * y * jax.nn.silu(gate.astype(jnp.float32))
+        return y.astype(x.dtype)
+
+
+def segment_starts(segment_ids: Array | None, T: int) -> Array | None:
+    """[B, T] bool, True where a new packed document starts (t > 0 and the id changes)."""
+    if segment_ids is None:
+        return None
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    return segment_ids != prev
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise 1-D convolution over time, no bias, then an activation.
+
+    ``out[t, c] = act(sum_j kernel[j, c] * x[t - (Kc - 1) + j, c])`` with zeros before t = 0 (and before
+    the start of the token's packed document when ``segment_ids`` is given). ``kernel`` is [Kc, C];
+    the PyTorch Conv1d weight [C, 1, Kc] is ``kernel.T[:, None, :]``. Tap Kc-1 multiplies the current
+    token (PyTorch convolution is cross-correlation).
+
+    ``cache`` (optional, [B, Kc-1, C]) holds the previous Kc-1 *pre-conv* inputs (oldest first) and
+    replaces the zero left-padding, so a prefill can be continued; the updated window is returned.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, *, activation: str = "silu", std: float = 0.02,
+                 param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.dtype = dtype
+        self.kernel = nnx.Param(_normal(std)(rngs.params(), (kernel_size, channels), param_dtype))
+
+    def __call__(self, x: Array, *, segment_ids: Array | None = None, cache: Array | None = None,
+                 return_cache: bool = False):
+        B, T, C = x.shape
+        Kc = self.kernel_size
+        dtype = self.dtype or x.dtype
+        w = self.kernel[...].astype(dtype)
+        x = x.astype(dtype)
+        left = jnp.zeros((B, Kc - 1, C), dtype) if cache is None else cache.astype(dtype)
+        xp = jnp.concatenate([left, x], axis=1)  # [B, T + Kc - 1, C]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("ShortConv: segment_ids and cache cannot be combined")
+            sp = jnp.concatenate([jnp.full((B, Kc - 1), -1, segment_ids.dtype), segment_ids], axis=1)
+        acc = jnp.zeros((B, T, C), jnp.float32)
+        for j in range(Kc):  # Kc is tiny (4): an unrolled sum of shifted products beats a conv op
+            tap = xp[:, j:j + T, :]
+            if segment_ids is not None:
+                tap = jnp.where((sp[:, j:j + T] == segment_ids)[..., None], tap, 0)
+            acc = acc + tap.astype(jnp.float32) * w[j].astype(jnp.float32)
+        y = ACTIVATIONS[self.activation](acc).astype(dtype)
+        if return_cache:
+            return y, xp[:, T:, :]
+        return y
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """fp32 cos/sin [.., T, head_dim] of standard RoPE (frequencies concatenated as [f, f])."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE on x [B, T, H, D] with cos/sin [B, T, D] (fp32 math, cast back)."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rot = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+
+
+def causal_attention(q: Array, k: Array, v: Array, *, scale: float, segment_ids: Array | None = None,
+                     key_mask: Array | None = None, implementation: str = "auto") -> Array:
+    """Causal softmax attention with GQA. q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H, D].
+
+    Queries are the last T of the S key positions. ``segment_ids`` [B, T] (T == S) restricts attention to
+    the same packed document; ``key_mask`` [B, S] (True = real token) hides left padding.
+    implementation: "xla" (einsum, fp32 softmax; what CPU and the parity tests use), "cudnn"
+    (jax.nn.dot_product_attention's fused kernel, GPU), or "auto" (cudnn on GPU, xla elsewhere).
+    """
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    if implementation == "auto":
+        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    mask = None
+    if segment_ids is not None or key_mask is not None or T != S:
+        qpos = jnp.arange(S - T, S)
+        mask = (qpos[:, None] >= jnp.arange(S)[None, :])[None]  # [1, T, S]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, :].astype(bool)
+        mask = jnp.broadcast_to(mask, (B, T, S))
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=mask is None, mask=None if mask is None else mask[:, None],
+            implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
+    rep = H // Hkv
+    qg = q.reshape(B, T, Hkv, rep, D)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, S), bool))[None]
+    m = mask[:, None, None]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # fully masked rows (left padding) give zeros
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """Full causal attention with QK-norm over the whole projected width (OLMo 2/3), optional RoPE, GQA."""
+
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, implementation: str = "auto",
+                 rngs: nnx.Rngs):
+        H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        std = cfg.initializer_range
+        kw = dict(std=std, bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
+        self.rope_theta = cfg.rope_theta
+        self.implementation = implementation
+        self.q_proj = dense(H, nh * hd, **kw)
+        self.k_proj = dense(H, nkv * hd, **kw)
+        self.v_proj = dense(H, nkv * hd, **kw)
+        self.o_proj = dense(nh * hd, H, **kw)
+        self.q_norm = RMSNorm(nh * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(nkv * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
+                 key_mask: Array | None = None) -> Array:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_norm(self.k_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = causal_attention(q, k, v, scale=self.head_dim ** -0.5, segment_ids=segment_ids,
+                             key_mask=key_mask, implementation=self.implementation)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+    """``x * rsqrt(sum(x^2) + eps)`` over the last dim in fp32 (FLA/HF: eps is added to the sum)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def gdn_gates(a: Array, b: Array, A_log: Array, dt_bias: Array, *, allow_neg_eigval: bool) -> tuple[Array, Array]:
+    """(g, beta) of Gated DeltaNet from the raw projections a, b [B, T, nv].
+
+    g = -exp(A_log) * softplus(a + dt_bias) (the log-decay, <= 0) in fp32; beta = sigmoid(b), doubled
+    when negative eigenvalues are allowed (so 1 - beta spans (-1, 1)).
+    """
+    g = -jnp.exp(A_log.astype(jnp.float32)) * jax.nn.softplus(a.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+    beta = jax.nn.sigmoid(b.astype(jnp.float32))
+    if allow_neg_eigval:
+        beta = beta * 2.0
+    return g, beta
+
+
+class GatedDeltaNet(nnx.Module):
+    """Gated DeltaNet sequence mixer (HF ``OlmoHybridGatedDeltaNet``).
+
+    x [B, T, H] -> q, k, v projections -> separate causal short convs + activation -> heads
+    (q, k: [B, T, nk, dk]; v: [B, T, nv, dv]) -> l2norm q, k -> repeat q, k over value heads when
+    nv > nk (value head j reads key head j // (nv / nk)) -> gated delta rule with q scaled by dk^-1/2
+    -> gated RMSNorm with silu(g_proj(x)) -> o_proj.
+    """
+
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, backend: str = "auto", rngs: nnx.Rngs):
+        H = cfg.hidden_size
+        self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.allow_neg_eigval = cfg.linear_allow_neg_eigval
+        self.backend = backend
+        key_dim, value_dim = self.nk * self.dk, self.nv * self.dv
+        std = cfg.initializer_range
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = dense(H, key_dim, **kw)
+        self.k_proj = dense(H, key_dim, **kw)
+        self.v_proj = dense(H, value_dim, **kw)
+        self.a_proj = dense(H, self.nv, **kw)
+        self.b_proj = dense(H, self.nv, **kw)
+        self.g_proj = dense(H, value_dim, **kw)
+        self.o_proj = dense(value_dim, H, **kw)
+        ckw = dict(activation=cfg.hidden_act, std=std, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.q_conv1d = ShortConv(key_dim, cfg.linear_conv_kernel_dim, **ckw)
+        self.k_conv1d = ShortConv(key_dim, cfg.linear_conv_kernel_dim, **ckw)
+        self.v_conv1d = ShortConv(value_dim, cfg.linear_conv_kernel_dim, **ckw)
+        # Mamba-style init: A uniform in [a_log_min, a_log_max] (log-stored), dt log-uniform, dt_bias = softplus^-1(dt).
+        A = jax.random.uniform(rngs.params(), (self.nv,), jnp.float32,
+                               cfg.linear_a_log_min, cfg.linear_a_log_max)
+        self.A_log = nnx.Param(jnp.log(jnp.maximum(A, 1e-12)).astype(param_dtype))
+        u = jax.random.uniform(rngs.params(), (self.nv,), jnp.float32)
+        dt = jnp.exp(u * (math.log(cfg.linear_dt_max) - math.log(cfg.linear_dt_min)) + math.log(cfg.linear_dt_min))
+        dt = jnp.maximum(dt, cfg.linear_dt_init_floor)
+        self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
+        self.o_norm = GatedRMSNorm(self.dv, eps=1e-5, param_dtype=param_dtype)
+
+    def __call__(self, x: Array, *, segment_ids: Array | None = None, padding_mask: Array | None = None) -> Array:
+        B, T, _ = x.shape
+        if padding_mask is not None:  # HF zeroes left-padding tokens before the projections
+            x = x * padding_mask[:, :, None].astype(x.dtype)
+        q = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids)
+        k = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids)
+        v = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids)
+        q = l2_normalize(q.reshape(B, T, self.nk, self.dk))
+        k = l2_normalize(k.reshape(B, T, self.nk, self.dk))
+        v = v.reshape(B, T, self.nv, self.dv)
+        if self.nv != self.nk:
+            r = self.nv // self.nk
+            q, k = jnp.repeat(q, r, axis=2), jnp.repeat(k, r, axis=2)
+        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log[...], self.dt_bias[...],
+                            allow_neg_eigval=self.allow_neg_eigval)
+        # q, k are fp32 after the l2norm; feed the kernel in the compute dtype (it accumulates in fp32).
+        q, k = q.astype(v.dtype), k.astype(v.dtype)
+        o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.dk ** -0.5, segment_ids=segment_ids,
+                                backend=self.backend)
+        gate = self.g_proj(x).reshape(B, T, self.nv, self.dv)
+        y = self.o_norm(o, gate).reshape(B, T, self.nv * self.dv)
+        return self.o_proj(y)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = cfg.hidden_act
+        self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
