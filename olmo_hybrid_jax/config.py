@@ -38,6 +38,10 @@ class OlmoHybridConfig:
     Field names and defaults follow ``transformers.OlmoHybridConfig``; the defaults are the released
     7B's. ``rope_parameters=None`` (or ``rope_theta`` None) means no rotary embedding (NoPE), as in
     the released checkpoints.
+
+    Note: transformers >= 5.24 turns a ``rope_parameters`` that is null or absent into default RoPE
+    with theta 10000 when it reads a config.json. ``to_hf`` therefore spells NoPE explicitly as
+    ``{"rope_type": "default", "rope_theta": null}``, which every transformers version reads as NoPE.
     """
 
     vocab_size: int = 100352
@@ -93,7 +97,9 @@ class OlmoHybridConfig:
         if isinstance(self.eos_token_id, list):
             set_("eos_token_id", tuple(self.eos_token_id))
         if self.rope_parameters is not None:
-            set_("rope_parameters", dict(self.rope_parameters))
+            # One canonical spelling of NoPE: a rope dict without a theta is None.
+            rp = dict(self.rope_parameters)
+            set_("rope_parameters", rp if rp.get("rope_theta") is not None else None)
         self.validate()
 
     # ------------------------------------------------------------------ derived quantities
@@ -197,6 +203,8 @@ class OlmoHybridConfig:
         """The HF ``config.json`` dict that transformers' OlmoHybridConfig reads back to this config."""
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
+        if self.rope_theta is None:  # explicit NoPE: transformers reads a bare null as theta=10000 RoPE
+            d["rope_parameters"] = {"rope_type": "default", "rope_theta": None}
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         return {"architectures": ["OlmoHybridForCausalLM"], "model_type": "olmo_hybrid", **d}

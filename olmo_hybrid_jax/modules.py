@@ -76,14 +76,6 @@ class GatedRMSNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def segment_starts(segment_ids: Array | None, T: int) -> Array | None:
-    """[B, T] bool, True where a new packed document starts (t > 0 and the id changes)."""
-    if segment_ids is None:
-        return None
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    return segment_ids != prev
-
-
 class ShortConv(nnx.Module):
     """Causal depthwise 1-D convolution over time, no bias, then an activation.
 

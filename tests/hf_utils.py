@@ -17,7 +17,9 @@ import numpy as np
 TINY = dict(
     vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=4, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=12,
-    linear_value_head_dim=20, linear_conv_kernel_dim=4, rope_parameters=None, pad_token_id=0, eos_token_id=1,
+    linear_value_head_dim=20, linear_conv_kernel_dim=4,
+    # NoPE as transformers understands it (a bare None becomes theta=10000 RoPE in transformers >= 5.24)
+    rope_parameters={"rope_type": "default", "rope_theta": None}, pad_token_id=0, eos_token_id=1,
     bos_token_id=None, tie_word_embeddings=False,
 )
 
@@ -37,6 +39,7 @@ def hf_random_model(seed: int = 0, **overrides):
     cfg = hf_config(**overrides)
     cfg._attn_implementation = "eager"
     model = OlmoHybridForCausalLM(cfg).eval()
+    assert (model.model.rotary_emb is None) == (cfg.rope_parameters.get("rope_theta") is None)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,206 @@
+"""Public entry point and backend dispatch for the gated delta rule.
+
+Contract (arrays in, arrays out; no model knowledge):
+
+    gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
+                     segment_ids=None, output_final_state=False, backend="auto")
+        -> (o, final_state)
+
+    q, k          [B, T, H, K]    floating
+    v             [B, T, H, V]    floating
+    g             [B, T, H]       floating, log decay (<= 0)
+    beta          [B, T, H]       floating, write strength (typically in (0, 2))
+    initial_state [B, H, K, V]    floating or None (zeros); the state before token 0
+    segment_ids   [B, T]          integer or None; the state restarts from zero
+                                  before any t >= 1 whose id differs from t - 1
+    o             [B, T, H, V]    in v.dtype
+    final_state   [B, H, K, V]    float32, or None unless output_final_state
+
+Per (b, h), with state S in R^{K x V}:
+    S_t = exp(g_t) S_{t-1};  S_t += k_t (beta_t (v_t - S_t^T k_t))^T;  o_t = S_t^T (scale q_t)
+scale=None means K ** -0.5. q and k are NOT normalised here (the caller does it).
+All math is float32 whatever the input dtype; o is rounded once, to v.dtype.
+
+Backends live in ``BACKENDS`` (a name -> Backend registry); adding one is one
+entry plus, if it should be picked automatically, one place in
+``_AUTO_PRIORITY``. ``backend``, ``scale`` and ``output_final_state`` are
+static Python values, so the whole call works under jit / grad / vjp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.gated_delta_rule.reference import sequential_gated_delta_rule
+from kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A registered implementation.
+
+    fn: (q, k, v, g, beta, *, scale, initial_state, segment_ids) -> (o fp32, state fp32);
+        receives float32 arrays that already passed validation.
+    supports: (q, k, v, platform) -> reason it cannot run, or None. Only
+        backend-specific limits go here (shared validation happens first).
+    """
+
+    fn: Callable
+    supports: Callable[..., Optional[str]] = lambda q, k, v, platform: None
+
+
+BACKENDS: dict[str, Backend] = {
+    "sequential": Backend(sequential_gated_delta_rule),
+    "chunked": Backend(chunked_gated_delta_rule),
+}
+
+# "auto" takes the first backend here that supports the input on this platform.
+# (A GPU pallas backend goes first once it exists.)
+_AUTO_PRIORITY: tuple[str, ...] = ("chunked",)
+
+
+def _valid_names() -> str:
+    return ", ".join(repr(n) for n in ("auto",) + tuple(BACKENDS))
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, segment_ids) -> Optional[str]:
+    """Shared input validation. Returns a message naming the problem, or None."""
+    named = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
+    if initial_state is not None:
+        named["initial_state"] = initial_state
+    for name, x in named.items():
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            return f"{name} must be an array, got {type(x).__name__}"
+    for name, rank, layout in (
+        ("q", 4, "[B, T, H, K]"),
+        ("k", 4, "[B, T, H, K]"),
+        ("v", 4, "[B, T, H, V]"),
+        ("g", 3, "[B, T, H]"),
+        ("beta", 3, "[B, T, H]"),
+    ):
+        x = named[name]
+        if x.ndim != rank:
+            return f"{name} must have rank {rank} {layout}, got shape {tuple(x.shape)}"
+    for name, x in named.items():
+        if not _is_float(x):
+            return f"{name} must be a floating dtype, got {x.dtype}"
+    B, T, H, K = q.shape
+    for name in ("k", "v", "g", "beta"):
+        x = named[name]
+        if tuple(x.shape[:3]) != (B, T, H):
+            return (
+                f"{name} has leading dims [B, T, H] = {list(x.shape[:3])}, "
+                f"but q has {[B, T, H]} (q {tuple(q.shape)}, {name} {tuple(x.shape)})"
+            )
+    if k.shape[3] != K:
+        return f"q and k must share the key dim K: q {tuple(q.shape)}, k {tuple(k.shape)}"
+    V = v.shape[3]
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        return (
+            f"initial_state must have shape [B, H, K, V] = {[B, H, K, V]}, "
+            f"got {tuple(initial_state.shape)}"
+        )
+    if segment_ids is not None:
+        if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+            return f"segment_ids must be an array, got {type(segment_ids).__name__}"
+        if tuple(segment_ids.shape) != (B, T):
+            return f"segment_ids must have shape [B, T] = {[B, T]}, got {tuple(segment_ids.shape)}"
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            return f"segment_ids must have an integer dtype, got {segment_ids.dtype}"
+    return None
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def _resolve(backend: str, q, k, v) -> str:
+    if backend == "auto":
+        platform = _platform()
+        for name in _AUTO_PRIORITY:
+            if BACKENDS[name].supports(q, k, v, platform) is None:
+                return name
+        return "sequential"  # always supported
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown gated_delta_rule backend {backend!r}; valid: {_valid_names()}")
+    return backend
+
+
+def shapes_supported(backend, q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None):
+    """Why ``backend`` cannot take these inputs (a message), or None if it can.
+
+    Works on arrays or jax.ShapeDtypeStruct. g and beta are optional; pass them
+    to have their shapes/dtypes checked too.
+    """
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        return f"unknown gated_delta_rule backend {backend!r}; valid: {_valid_names()}"
+    B, T, H = (tuple(q.shape) + (0, 0, 0))[:3] if hasattr(q, "shape") else (0, 0, 0)
+    if g is None:
+        g = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+    if beta is None:
+        beta = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
+    problem = _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    if problem is not None:
+        return problem
+    name = _resolve(backend, q, k, v)
+    return BACKENDS[name].supports(q, k, v, _platform())
+
+
+def gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    output_final_state=False,
+    backend="auto",
+):
+    """Gated delta rule; see the module docstring for shapes and math.
+
+    Returns (o in v.dtype [B, T, H, V], final_state float32 [B, H, K, V] or None).
+    Raises ValueError naming the problem for bad shapes/dtypes or an unknown
+    backend, and for a backend that cannot take the input.
+    """
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"unknown gated_delta_rule backend {backend!r}; valid: {_valid_names()}")
+    problem = _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    if problem is not None:
+        raise ValueError(f"gated_delta_rule: {problem}")
+    name = _resolve(backend, q, k, v)
+    problem = BACKENDS[name].supports(q, k, v, _platform())
+    if problem is not None:
+        raise ValueError(f"gated_delta_rule backend {name!r} cannot take this input: {problem}")
+
+    K = q.shape[-1]
+    if scale is None:
+        scale = float(K) ** -0.5
+    elif not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise ValueError(f"scale must be a static Python number or None, got {type(scale).__name__}")
+    scale = float(scale)
+
+    f32 = jnp.float32
+    o, final_state = BACKENDS[name].fn(
+        q.astype(f32),
+        k.astype(f32),
+        v.astype(f32),
+        g.astype(f32),
+        beta.astype(f32),
+        scale=scale,
+        initial_state=None if initial_state is None else initial_state.astype(f32),
+        segment_ids=segment_ids,
+    )
+    o = o.astype(v.dtype)  # the single rounding to the caller's dtype
+    return o, (final_state if output_final_state else None)
