@@ -353,43 +353,38 @@ def save_hf(model: OlmoHybridForCausalLM, path: str | os.PathLike, *, dtype=None
         raise FileExistsError(f"{path} already holds a checkpoint; pass overwrite=True to replace it")
     path.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    tensors = _iter_hf_tensors(model, dtype)
     total = len(_param_paths(model.config))
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    written: list[tuple[Path, Path]] = []
     tmpdir = path / ".tmp_save_hf"
     if tmpdir.exists():
         shutil.rmtree(tmpdir)
     tmpdir.mkdir()
-
-    # Shards are flushed as they fill, so at most one shard is held in host memory.
-    def flush(shard, idx):
-        f = tmpdir / f"shard{idx}.safetensors"
-        save_file(shard, str(f), metadata={"format": "pt"})
-        written.append((f, None))
-
-    idx = 0
+    written: list[Path] = []
     weight_map: dict[str, int] = {}
-    for name, arr in tqdm(tensors, total=total, desc=f"writing {path.name}", disable=not progress, unit="tensor"):
-        if shards[-1] and size + arr.nbytes > limit:
-            flush(shards[-1], idx)
-            idx += 1
-            shards.append({})
-            size = 0
-            shards[-2] = None  # release memory of the flushed shard
-        shards[-1][name] = arr
-        weight_map[name] = idx
+    shard: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush():  # shards are written as they fill: at most one shard is held in host memory
+        f = tmpdir / f"shard{len(written)}.safetensors"
+        save_file(shard, str(f), metadata={"format": "pt"})
+        written.append(f)
+
+    for name, arr in tqdm(_iter_hf_tensors(model, dtype), total=total, desc=f"writing {path.name}",
+                          disable=not progress, unit="tensor"):
+        if shard and size + arr.nbytes > limit:
+            flush()
+            shard, size = {}, 0
+        shard[name] = arr
+        weight_map[name] = len(written)
         size += arr.nbytes
-    flush(shards[-1], idx)
-    n = idx + 1
+    flush()
+    n = len(written)
     final_names = (["model.safetensors"] if n == 1
                    else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
     # Remove stale files of a previous layout only now that the new one is fully written.
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
-    for i, (f, _) in enumerate(written):
-        os.replace(f, path / final_names[i])
+    for f, final in zip(written, final_names):
+        os.replace(f, path / final)
     if n > 1:
         total_size = sum((path / fn).stat().st_size for fn in final_names)
         index = {"metadata": {"total_size": total_size},
