@@ -1,0 +1,633 @@
+"""Chunked gated delta rule as Pallas kernels on the Triton (GPU) backend, forward and backward.
+
+Math (per batch row b, head h; chunk C = 64 tokens; rows i, j of a chunk)
+------------------------------------------------------------------------
+gamma_i = sum_{s<=i} g_s (in-chunk cumulative log decay); with a segment start
+inside the chunk, "same_ij" (no start in (j, i]), "sees_i" (no start in
+[chunk start, i]) and "last_j" (j is in the chunk's last segment) cut the masks:
+
+    D_ij   = exp(gamma_i - gamma_j)   if i >= j and same_ij, else 0
+    A      = strict_lower(diag(beta) (K K^T) * D),   Tm = (I + A)^{-1}
+    gq_i   = exp(gamma_i) sees_i,   e_j = exp(gamma_{C-1} - gamma_j) last_j,   d = gq_{C-1}
+    W      = Tm diag(beta gq) K        [C, K]        U = Tm diag(beta) V   [C, V]
+    Vn     = U - W S                   (S = state entering the chunk, [K, V], fp32)
+    O      = scale (diag(gq) Q S + (Q K^T * D) Vn)
+    S'     = d S + (diag(e) K)^T Vn
+
+(Derivation in ``xla_chunked.py``.) The columns of S never mix, so V is cut
+into blocks of ``block_v`` columns that run as independent programs.
+
+Kernels (each a ``pl.pallas_call`` with a ``name``)
+---------------------------------------------------
+gdn_wy_inverse   grid (N, B*H), parallel. Tm = (I + A)^{-1} per chunk: the four
+                 16x16 diagonal blocks by forward substitution (fp32, CUDA cores),
+                 the six off-diagonal blocks by block forward substitution with
+                 16x16x16 dots (fp32, IEEE). HBM: reads k, g, beta once; writes Tm
+                 (C values per token and head).
+gdn_fwd          grid (V-blocks, B*H), sequential over chunks inside the program:
+                 the fp32 state [K, block_v] lives in registers for the whole walk.
+                 Per chunk: W, U from Tm (recomputed, never stored), Vn, O, S'.
+                 HBM: reads q, k, g, beta, Tm once per V-block (the V-blocks of a
+                 head run side by side, so the re-reads hit L2), v once; writes O
+                 once and, for training, the chunk-entry states h [N, K, V].
+gdn_bwd_state    grid (V-blocks, B*H), reverse walk with dS (fp32) in registers:
+                 dVn = scale (Q K^T * D)^T dO + diag(e) K dS',
+                 dS  = d dS' + scale (diag(gq) Q)^T dO - W^T dVn.
+                 It needs no forward state. HBM: reads q, k, g, beta, Tm, dO;
+                 writes dh (every chunk's dS') and d initial_state.
+gdn_bwd_grads    grid (N, B*H), parallel over chunks: from h, dh and the inputs it
+                 recomputes Vn and dVn per V-block and accumulates every
+                 reduction over V in registers (dP = dO Vn^T, dO S^T, Vn dS'^T,
+                 -dVn S^T, dVn (beta V)^T, <S, dS'>), then runs the backward of
+                 the WY form (dA = -Tm^T dTm Tm^T), of the decay masks and of the
+                 in-chunk cumsum (dg = reverse cumsum of dgamma) in-kernel, and,
+                 when asked, of the in-kernel q/k l2norm. Writes dq, dk, dv, dg,
+                 dbeta once. HBM: reads inputs, dO, Tm, h, dh once.
+
+Memory stays linear in T: the backward keeps one state per chunk (h), never
+one per token. The gate / beta transforms (``gates.py``) run on loaded tiles;
+their backward to the raw inputs (a, A_log, dt_bias, b) is an XLA elementwise
+epilogue on dg, dbeta ([B, T, H], ~1% of the bytes).
+
+Shapes: K and V need not be powers of two. K is padded in registers to
+KP = next_pow2(max(K, 16)) by masked loads (the padding reads no HBM bytes);
+V is cut into blocks of block_v (<= next_pow2(V)), the last one masked. Any T:
+the last chunk is masked (pad tokens load as q = k = v = beta = g = 0, which
+neither write nor decay the state). Segment restarts come in as the per-chunk
+segment index of each token (an int32 [B, N*C] built once outside).
+
+Rounding: the state, every accumulator, gamma, the masks and Tm's computation
+are fp32. Dot operands are the compute dtype cd = bf16/fp16 when q, k, v are
+all 16-bit (tensor cores, fp32 accumulation), else fp32 with IEEE dots. Tm and
+h are stored in cd; O, dq, dk, dv are rounded once, to their input dtypes; dg,
+dbeta, the final state and d initial_state stay fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+try:  # masked load/store live under pallas.triton in recent jax
+    from jax.experimental.pallas import triton as plt
+
+    _load, _store = plt.load, plt.store
+    _CompilerParams = plt.CompilerParams
+except (ImportError, AttributeError):  # pragma: no cover - older layouts
+    from jax.experimental.pallas import gpu as plt  # type: ignore
+
+    _load = lambda ref, mask=None, other=None: pl.load(ref, (), mask=mask, other=other)  # noqa: E731
+    _store = lambda ref, val, mask=None: pl.store(ref, (), val, mask=mask)  # noqa: E731
+    _CompilerParams = plt.TritonCompilerParams
+
+from kernels.gated_delta_rule.common import segment_starts
+from kernels.gated_delta_rule.config import DEFAULT_PALLAS_CONFIG, PallasConfig
+from kernels.gated_delta_rule.gates import (
+    NO_TRANSFORMS,
+    InputTransforms,
+    decay_gate,
+    l2_normalize,
+    write_strength,
+)
+
+C = 64  # chunk size (the inverse is built from four 16x16 blocks)
+SUB = 16
+f32 = jnp.float32
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable)."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    KP: int
+    BV: int
+    NV: int
+    N: int
+    scale: float
+    cd: str  # dot operand dtype name
+    tr: InputTransforms
+    has_seg: bool
+    interpret: bool
+    config: PallasConfig
+
+    @property
+    def cdt(self):
+        return jnp.dtype(self.cd)
+
+
+# ----------------------------------------------------------------------------- in-kernel helpers
+
+
+def _mm(a, b, cd, *, ta=False, tb=False):
+    """a @ b (a^T if ta, b^T if tb) with cd operands and fp32 accumulation."""
+    a, b = a.astype(cd), b.astype(cd)
+    prec = _HI if jnp.dtype(cd) == jnp.float32 else None
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
+
+
+def _tok_mask(t0, n, T):
+    return (t0 + jnp.arange(n)) < T
+
+
+def _load_rows(ref, b, h, t0, n, c0, w, T, width):
+    """[B, T, H, width] -> tile [n, w] at tokens t0.., columns c0.. (masked, zeros outside)."""
+    m = _tok_mask(t0, n, T)[:, None] & ((c0 + jnp.arange(w)) < width)[None, :]
+    return _load(ref.at[b, pl.ds(t0, n), h, pl.ds(c0, w)], mask=m, other=0)
+
+
+def _store_rows(ref, val, b, h, t0, n, c0, w, T, width):
+    m = _tok_mask(t0, n, T)[:, None] & ((c0 + jnp.arange(w)) < width)[None, :]
+    _store(ref.at[b, pl.ds(t0, n), h, pl.ds(c0, w)], val.astype(ref.dtype), mask=m)
+
+
+def _load_vec(ref, b, h, t0, n, T):
+    """[B, T, H] -> [n] fp32 (zeros outside T)."""
+    return _load(ref.at[b, pl.ds(t0, n), h], mask=_tok_mask(t0, n, T), other=0).astype(f32)
+
+
+def _store_vec(ref, val, b, h, t0, n, T):
+    _store(ref.at[b, pl.ds(t0, n), h], val.astype(ref.dtype), mask=_tok_mask(t0, n, T))
+
+
+def _state_mask(st, v0):
+    return (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(st.BV)) < st.V)[None, :]
+
+
+def _head_params(st, alog_ref, dtb_ref, h):
+    if not st.tr.gate:
+        return None, None
+    return _load(alog_ref.at[pl.ds(h, 1)]).astype(f32), _load(dtb_ref.at[pl.ds(h, 1)]).astype(f32)
+
+
+def _qk(st, x):
+    """A loaded q/k tile in the form the dots take (l2-normalised in fp32 when asked)."""
+    return l2_normalize(x) if st.tr.qk_l2norm else x
+
+
+def _gates(st, g_ref, beta_ref, b, h, t0, n, hp):
+    """Effective (g, beta) [n] fp32 for tokens t0..t0+n; pad tokens get exactly 0."""
+    valid = _tok_mask(t0, n, st.T)
+    graw = _load_vec(g_ref, b, h, t0, n, st.T)
+    braw = _load_vec(beta_ref, b, h, t0, n, st.T)
+    g = decay_gate(graw, hp[0], hp[1]) if st.tr.gate else graw
+    beta = write_strength(braw, sigmoid=st.tr.beta_sigmoid, scale=st.tr.beta_scale)
+    return jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)
+
+
+class _Chunk:
+    """Per-chunk decay quantities (all fp32), computed from loaded g / segment index."""
+
+    def __init__(self, st, g, cnt):
+        idx = jnp.arange(C)
+        gamma = jnp.cumsum(g)
+        glast = jnp.sum(g)
+        causal = idx[:, None] >= idx[None, :]
+        if st.has_seg:
+            same = cnt[:, None] == cnt[None, :]
+            sees = cnt == 0
+            last = cnt == jnp.max(cnt)
+            sees_last = jnp.max(cnt) == 0  # no start anywhere in the chunk
+            dmask = causal & same
+        else:
+            sees = last = None
+            sees_last = True
+            dmask = causal
+        # mask the exponent before exp: masked-out entries may be positive and overflow
+        self.D = jnp.where(dmask, jnp.exp(jnp.where(dmask, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
+        self.strict = (idx[:, None] > idx[None, :]) & dmask
+        gq = jnp.exp(gamma)
+        te = jnp.exp(glast - gamma)
+        if st.has_seg:
+            gq = jnp.where(sees, gq, 0.0)
+            te = jnp.where(last, te, 0.0)
+        self.gq, self.to_end = gq, te
+        self.decay = jnp.where(sees_last, jnp.exp(glast), 0.0)
+        self.gamma = gamma
+
+
+def _load_cnt(st, cnt_ref, b, t0, n):
+    if not st.has_seg:
+        return None
+    return _load(cnt_ref.at[b, pl.ds(t0, n)])
+
+
+def _inv_unit_lower(A, n):
+    """(I + A)^{-1} for strictly lower A [n, n] by forward substitution, fp32.
+
+    Row i of X = e_i - sum_{j<i} A_ij X_j; rows are produced in order (n - 1 steps,
+    each a masked row extraction and a vector-matrix product on CUDA cores).
+    """
+    rows = jnp.arange(n)[:, None]
+    cols = jnp.arange(n)[None, :]
+    X0 = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+
+    def body(i, X):
+        a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0)  # row i of A, indexed by j
+        upd = jnp.sum(a_i[:, None] * X, axis=0)
+        return jnp.where(rows == i, X - upd[None, :], X)
+
+    return jax.lax.fori_loop(1, n, body, X0)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _wy_inverse_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_ref, *, st: _Static):
+    n = pl.program_id(0)
+    bh = pl.program_id(1)
+    b, h = bh // st.H, bh % st.H
+    hp = _head_params(st, alog_ref, dtb_ref, h)
+    nb = C // SUB
+    ks, gams, betas, cnts = [], [], [], []
+    off = jnp.zeros((), f32)
+    for r in range(nb):
+        t0 = n * C + r * SUB
+        ks.append(_qk(st, _load_rows(k_ref, b, h, t0, SUB, 0, st.KP, st.T, st.K)))
+        g, beta = _gates(st, g_ref, beta_ref, b, h, t0, SUB, hp)
+        gams.append(off + jnp.cumsum(g))
+        off = off + jnp.sum(g)
+        betas.append(beta)
+        cnts.append(_load_cnt(st, cnt_ref, b, t0, SUB))
+    idx = jnp.arange(SUB)
+    A = {}
+    for r in range(nb):
+        for c in range(r + 1):
+            m = (idx[:, None] > idx[None, :]) if r == c else jnp.ones((SUB, SUB), bool)
+            if st.has_seg:
+                m = m & (cnts[r][:, None] == cnts[c][None, :])
+            kk = _mm(ks[r], ks[c], st.cdt, tb=True)
+            dec = jnp.exp(jnp.where(m, gams[r][:, None] - gams[c][None, :], 0.0))
+            A[r, c] = jnp.where(m, betas[r][:, None] * kk * dec, 0.0)
+    X = {(r, r): _inv_unit_lower(A[r, r], SUB) for r in range(nb)}
+    for d in range(1, nb):  # block forward substitution, one sub-diagonal at a time
+        for r in range(d, nb):
+            c = r - d
+            acc = _mm(A[r, c], X[c, c], f32)
+            for m_ in range(c + 1, r):
+                acc = acc + _mm(A[r, m_], X[m_, c], f32)
+            X[r, c] = -_mm(X[r, r], acc, f32)
+    zero = jnp.zeros((SUB, SUB), f32)
+    for r in range(nb):
+        for c in range(nb):
+            blk = X[r, c] if c <= r else zero
+            _store(tm_ref.at[b, h, n, pl.ds(r * SUB, SUB), pl.ds(c * SUB, SUB)], blk.astype(tm_ref.dtype))
+
+
+def _chunk_inputs(st, refs, b, h, n, hp):
+    """Loads and derives what every walk needs for chunk n: q, k (fp32/cd), beta, _Chunk, Tm."""
+    q_ref, k_ref, g_ref, beta_ref, cnt_ref, tm_ref = refs
+    t0 = n * C
+    q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+    k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+    g, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
+    ch = _Chunk(st, g, _load_cnt(st, cnt_ref, b, t0, C))
+    tm = _load(tm_ref.at[b, h, n])
+    return q, k, beta, ch, tm
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, s0_ref, tm_ref,
+                o_ref, st_ref, *h_ref, st: _Static):
+    vb = pl.program_id(0)
+    bh = pl.program_id(1)
+    b, h = bh // st.H, bh % st.H
+    v0 = vb * st.BV
+    hp = _head_params(st, alog_ref, dtb_ref, h)
+    smask = _state_mask(st, v0)
+    cd = st.cdt
+    S0 = _load(s0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+
+    def body(n, S):
+        q, k, beta, ch, tm = _chunk_inputs(st, (q_ref, k_ref, g_ref, beta_ref, cnt_ref, tm_ref), b, h, n, hp)
+        v = _load_rows(v_ref, b, h, n * C, C, v0, st.BV, st.T, st.V)
+        if h_ref:
+            _store(h_ref[0].at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], S.astype(h_ref[0].dtype), mask=smask)
+        W = _mm(tm, (beta * ch.gq)[:, None] * k, cd)
+        U = _mm(tm, beta[:, None] * v.astype(f32), cd)
+        Vn = U - _mm(W, S, cd)
+        P = _mm(q, k, cd, tb=True) * ch.D
+        o = st.scale * (_mm((ch.gq[:, None]) * q, S, cd) + _mm(P, Vn, cd))
+        _store_rows(o_ref, o, b, h, n * C, C, v0, st.BV, st.T, st.V)
+        return ch.decay * S + _mm(ch.to_end[:, None] * k, Vn, cd, ta=True)
+
+    S = jax.lax.fori_loop(0, st.N, body, S0)
+    _store(st_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], S, mask=smask)
+
+
+def _bwd_state_kernel(q_ref, k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_ref, do_ref, dst_ref,
+                      dh_ref, ds0_ref, *, st: _Static):
+    vb = pl.program_id(0)
+    bh = pl.program_id(1)
+    b, h = bh // st.H, bh % st.H
+    v0 = vb * st.BV
+    hp = _head_params(st, alog_ref, dtb_ref, h)
+    smask = _state_mask(st, v0)
+    cd = st.cdt
+    dS0 = _load(dst_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+
+    def body(i, dS):
+        n = st.N - 1 - i
+        _store(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], dS.astype(dh_ref.dtype), mask=smask)
+        q, k, beta, ch, tm = _chunk_inputs(st, (q_ref, k_ref, g_ref, beta_ref, cnt_ref, tm_ref), b, h, n, hp)
+        do = _load_rows(do_ref, b, h, n * C, C, v0, st.BV, st.T, st.V)
+        W = _mm(tm, (beta * ch.gq)[:, None] * k, cd)
+        P = st.scale * _mm(q, k, cd, tb=True) * ch.D
+        dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
+        return ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
+
+    dS = jax.lax.fori_loop(0, st.N, body, dS0)
+    _store(ds0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], dS, mask=smask)
+
+
+def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_ref, do_ref,
+                      h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, st: _Static):
+    n = pl.program_id(0)
+    bh = pl.program_id(1)
+    b, h = bh // st.H, bh % st.H
+    hp = _head_params(st, alog_ref, dtb_ref, h)
+    cd = st.cdt
+    t0 = n * C
+    qraw = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K).astype(f32)
+    kraw = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K).astype(f32)
+    q, k = _qk(st, qraw), _qk(st, kraw)
+    g, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
+    ch = _Chunk(st, g, _load_cnt(st, cnt_ref, b, t0, C))
+    tm = _load(tm_ref.at[b, h, n]).astype(f32)
+    kw = (beta * ch.gq)[:, None] * k  # the right-hand side that makes W
+    W = _mm(tm, kw, cd)
+    qk = _mm(q, k, cd, tb=True)
+    P = st.scale * qk * ch.D
+
+    def vblock(vb, acc):
+        dP, dqS, dkE, dW, dTm, dbeta, ddecay = acc
+        v0 = vb * st.BV
+        smask = _state_mask(st, v0)
+        v = _load_rows(v_ref, b, h, t0, C, v0, st.BV, st.T, st.V).astype(f32)
+        do = _load_rows(do_ref, b, h, t0, C, v0, st.BV, st.T, st.V).astype(f32)
+        S = _load(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+        dS = _load(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+        bv = beta[:, None] * v
+        Vn = _mm(tm, bv, cd) - _mm(W, S, cd)
+        dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
+        dP = dP + _mm(do, Vn, cd, tb=True)
+        dqS = dqS + _mm(do, S, cd, tb=True)
+        dkE = dkE + _mm(Vn, dS, cd, tb=True)
+        dW = dW - _mm(dVn, S, cd, tb=True)
+        dTm = dTm + _mm(dVn, bv, cd, tb=True)
+        dbv = _mm(tm, dVn, cd, ta=True)  # d(beta V) = Tm^T dU, dU = dVn
+        _store_rows(dv_ref, beta[:, None] * dbv, b, h, t0, C, v0, st.BV, st.T, st.V)
+        dbeta = dbeta + jnp.sum(dbv * v, axis=1)
+        ddecay = ddecay + jnp.sum(S * dS)
+        return dP, dqS, dkE, dW, dTm, dbeta, ddecay
+
+    zk = jnp.zeros((C, st.KP), f32)
+    zc = jnp.zeros((C, C), f32)
+    acc0 = (zc, zk, zk, zk, zc, jnp.zeros((C,), f32), jnp.zeros((), f32))
+    dP, dqS, dkE, dW, dTm, dbeta, ddecay = jax.lax.fori_loop(0, st.NV, vblock, acc0)
+
+    # W = Tm diag(beta gq) K
+    dTm = dTm + _mm(dW, kw, cd, tb=True)
+    dkw = _mm(tm, dW, cd, ta=True)
+    dk = (beta * ch.gq)[:, None] * dkw
+    kdkw = jnp.sum(dkw * k, axis=1)
+    dbeta = dbeta + ch.gq * kdkw
+    dgq = beta * kdkw
+    # Tm = (I + A)^{-1}:  dA = -Tm^T dTm Tm^T on the strictly lower support
+    dA = -_mm(_mm(tm, dTm, cd, ta=True), tm, cd, tb=True)
+    dA = jnp.where(ch.strict, dA, 0.0)
+    kk = _mm(k, k, cd, tb=True)
+    dkk = dA * beta[:, None] * ch.D
+    dk = dk + _mm(dkk, k, cd) + _mm(dkk, k, cd, ta=True)
+    dbeta = dbeta + jnp.sum(dA * kk * ch.D, axis=1)
+    # P = scale (Q K^T) * D (diagonal kept)
+    dqk = st.scale * dP * ch.D
+    dq = _mm(dqk, k, cd)
+    dk = dk + _mm(dqk, q, cd, ta=True)
+    dDD = (dA * beta[:, None] * kk + st.scale * dP * qk) * ch.D  # dD * D
+    # O += scale diag(gq) Q S
+    dq = dq + (st.scale * ch.gq)[:, None] * dqS
+    dgq = dgq + st.scale * jnp.sum(q * dqS, axis=1)
+    # S' += (diag(e) K)^T Vn
+    dk = dk + ch.to_end[:, None] * dkE
+    dte = jnp.sum(k * dkE, axis=1) * ch.to_end
+    # dgamma; gamma_last enters through e and d
+    dgam = jnp.sum(dDD, axis=1) - jnp.sum(dDD, axis=0) + dgq * ch.gq - dte
+    dlast = jnp.sum(dte) + ddecay * ch.decay
+    dgam = dgam + jnp.where(jnp.arange(C) == C - 1, dlast, 0.0)
+    dg = jnp.sum(dgam) - jnp.cumsum(dgam) + dgam  # gamma_i = sum_{s<=i} g_s
+    if st.tr.qk_l2norm:  # x_n = x r, r = rsqrt(|x|^2 + eps):  dx = r (dx_n - x_n <x_n, dx_n>)
+        dq = _l2norm_bwd(qraw, q, dq)
+        dk = _l2norm_bwd(kraw, k, dk)
+    _store_rows(dq_ref, dq, b, h, t0, C, 0, st.KP, st.T, st.K)
+    _store_rows(dk_ref, dk, b, h, t0, C, 0, st.KP, st.T, st.K)
+    _store_vec(dg_ref, dg, b, h, t0, C, st.T)
+    _store_vec(dbeta_ref, dbeta, b, h, t0, C, st.T)
+
+
+def _l2norm_bwd(x, xn, dxn):
+    from kernels.gated_delta_rule.gates import L2NORM_EPS
+
+    r = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
+    return r * (dxn - xn * jnp.sum(xn * dxn, axis=1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _params(st, num_warps, num_stages):
+    if st.interpret:
+        return None
+    return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _call(kernel, st, grid, out_shape, name, num_warps, num_stages):
+    return pl.pallas_call(
+        functools.partial(kernel, st=st),
+        out_shape=out_shape,
+        grid=grid,
+        interpret=st.interpret,
+        name=name,
+        compiler_params=_params(st, num_warps, num_stages),
+    )
+
+
+def _wy_inverse(st, k, g, beta, cnt, alog, dtb):
+    out = jax.ShapeDtypeStruct((st.B, st.H, st.N, C, C), st.cdt)
+    cfg = st.config
+    return _call(_wy_inverse_kernel, st, (st.N, st.B * st.H), out, "gdn_wy_inverse", cfg.num_warps_inverse, 1)(
+        k, g, beta, cnt, alog, dtb
+    )
+
+
+def _forward(st, q, k, v, g, beta, cnt, alog, dtb, s0, tm, save_h):
+    outs = [
+        jax.ShapeDtypeStruct((st.B, st.T, st.H, st.V), v.dtype),
+        jax.ShapeDtypeStruct((st.B, st.H, st.K, st.V), f32),
+    ]
+    if save_h:
+        outs.append(jax.ShapeDtypeStruct((st.B, st.H, st.N, st.K, st.V), st.cdt))
+    cfg = st.config
+    return _call(_fwd_kernel, st, (st.NV, st.B * st.H), tuple(outs), "gdn_fwd", cfg.num_warps_walk,
+                 cfg.num_stages_walk)(q, k, v, g, beta, cnt, alog, dtb, s0, tm)
+
+
+def _backward_state(st, q, k, g, beta, cnt, alog, dtb, tm, do, dsT):
+    outs = (
+        jax.ShapeDtypeStruct((st.B, st.H, st.N, st.K, st.V), st.cdt),
+        jax.ShapeDtypeStruct((st.B, st.H, st.K, st.V), f32),
+    )
+    cfg = st.config
+    return _call(_bwd_state_kernel, st, (st.NV, st.B * st.H), outs, "gdn_bwd_state", cfg.num_warps_walk,
+                 cfg.num_stages_walk)(q, k, g, beta, cnt, alog, dtb, tm, do, dsT)
+
+
+def _backward_grads(st, q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh):
+    outs = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct((st.B, st.T, st.H), f32),
+        jax.ShapeDtypeStruct((st.B, st.T, st.H), f32),
+    )
+    cfg = st.config
+    return _call(_bwd_grads_kernel, st, (st.N, st.B * st.H), outs, "gdn_bwd_grads", cfg.num_warps_grad,
+                 cfg.num_stages_grad)(q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gdr(st, q, k, v, g, beta, s0, alog, dtb, cnt):
+    tm = _wy_inverse(st, k, g, beta, cnt, alog, dtb)
+    o, sT = _forward(st, q, k, v, g, beta, cnt, alog, dtb, s0, tm, save_h=False)
+    return o, sT
+
+
+def _gdr_fwd(st, q, k, v, g, beta, s0, alog, dtb, cnt):
+    tm = _wy_inverse(st, k, g, beta, cnt, alog, dtb)
+    o, sT, hs = _forward(st, q, k, v, g, beta, cnt, alog, dtb, s0, tm, save_h=True)
+    return (o, sT), (q, k, v, g, beta, alog, dtb, cnt, tm, hs)
+
+
+def _gdr_bwd(st, res, cts):
+    q, k, v, g, beta, alog, dtb, cnt, tm, hs = res
+    do, dsT = cts
+    do = do.astype(v.dtype)
+    dh, ds0 = _backward_state(st, q, k, g, beta, cnt, alog, dtb, tm, do, dsT.astype(f32))
+    dq, dk, dv, dg_eff, dbeta_eff = _backward_grads(st, q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh)
+    # Chain rule from the effective (g, beta) to the raw inputs: the same helpers the kernels ran.
+    if st.tr.gate:
+        _, pull = jax.vjp(lambda a, al, db: decay_gate(a, al, db), g, alog, dtb)
+        dg, dalog, ddtb = pull(dg_eff)
+    else:
+        dg, dalog, ddtb = dg_eff, jnp.zeros_like(alog), jnp.zeros_like(dtb)
+    _, pull = jax.vjp(lambda x: write_strength(x, sigmoid=st.tr.beta_sigmoid, scale=st.tr.beta_scale), beta)
+    (dbeta,) = pull(dbeta_eff)
+    cnt_ct = np.zeros(cnt.shape, jax.dtypes.float0)
+    return (dq, dk, dv, dg.astype(g.dtype), dbeta.astype(beta.dtype), ds0.astype(f32),
+            dalog.astype(alog.dtype), ddtb.astype(dtb.dtype), cnt_ct)
+
+
+_gdr.defvjp(_gdr_fwd, _gdr_bwd)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def chunk_segment_index(segment_ids, T: int, N: int):
+    """int32 [B, N*C]: for each token, how many segment starts precede it inside its chunk (itself included).
+
+    Pad tokens (t >= T) get no start, so they carry the last index of their chunk.
+    """
+    starts = segment_starts(segment_ids).astype(jnp.int32)
+    B = starts.shape[0]
+    starts = jnp.pad(starts, ((0, 0), (0, N * C - T)))
+    return jnp.cumsum(starts.reshape(B, N, C), axis=-1).reshape(B, N * C)
+
+
+def supports(q, k, v, platform) -> Optional[str]:
+    """Why the Pallas backend cannot take these inputs, or None."""
+    if platform not in ("gpu", "cuda", "rocm", "cpu"):
+        return f"the pallas backend targets Triton GPUs (interpret mode on CPU); platform is {platform!r}"
+    K, V = q.shape[-1], v.shape[-1]
+    if K > 256:
+        return f"K = {K} > 256: the padded [K, block_v] fp32 state would not fit in registers"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"{name} has dtype {x.dtype}; the pallas kernels take float32, bfloat16 or float16"
+    return None
+
+
+def _compute_dtype(q, k, v):
+    dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
+    if len(dts) == 1 and next(iter(dts)).itemsize == 2:
+        return next(iter(dts)).name
+    return "float32"
+
+
+def pallas_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale,
+    initial_state=None,
+    segment_ids=None,
+    transforms: InputTransforms = NO_TRANSFORMS,
+    A_log=None,
+    dt_bias=None,
+    config: PallasConfig = DEFAULT_PALLAS_CONFIG,
+    interpret: Optional[bool] = None,
+):
+    """Pallas (Triton) chunked gated delta rule; see the module docstring.
+
+    Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H] (raw a / b when the
+    transforms say so); initial_state [B, H, K, V] or None; segment_ids int [B, T]
+    or None; A_log, dt_bias [H] (with transforms.gate). Inputs keep their dtypes.
+    Returns o [B, T, H, V] in v.dtype and the final state float32 [B, H, K, V].
+    Differentiable (custom_vjp) w.r.t. q, k, v, g, beta, initial_state, A_log, dt_bias.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    N = max(1, -(-T // C))
+    KP = max(SUB, _next_pow2(K))
+    BV = min(config.block_v, max(SUB, _next_pow2(V)))
+    st = _Static(
+        B=B, T=T, H=H, K=K, V=V, KP=KP, BV=BV, NV=-(-V // BV), N=N, scale=float(scale),
+        cd=_compute_dtype(q, k, v), tr=transforms, has_seg=segment_ids is not None,
+        interpret=bool(interpret), config=config,
+    )
+    if initial_state is None:
+        initial_state = jnp.zeros((B, H, K, V), f32)
+    if segment_ids is None:
+        cnt = jnp.zeros((1, C), jnp.int32)  # unused placeholder
+    else:
+        cnt = chunk_segment_index(segment_ids, T, N)
+    if transforms.gate:
+        alog = jnp.asarray(A_log, f32)
+        dtb = jnp.zeros((H,), f32) if dt_bias is None else jnp.asarray(dt_bias, f32)
+    else:
+        alog = dtb = jnp.zeros((H,), f32)  # unused placeholders
+    o, sT = _gdr(st, q, k, v, g, beta, initial_state.astype(f32), alog, dtb, cnt)
+    return o, sT
