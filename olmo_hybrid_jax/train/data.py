@@ -1,0 +1,293 @@
+"""Token files, packing into fixed-length rows, and the grain pipeline with checkpointable position.
+
+Token files are OLMo-style flat arrays of token ids, documents separated by an EOS id, memory-mapped:
+
+- a real ``.npy`` (header read, any of uint8/uint16/uint32/int32), or
+- a raw binary file (OLMo's pre-tokenized "``.npy``" files have no header): dtype from
+  ``data.token_dtype``, or from the suffix ``.u8`` / ``.u16`` / ``.u32``.
+
+Packing is OLMo's fixed-sequence-length (FSL) scheme: each file is cut into rows of ``seq_len`` tokens
+(the tail shorter than a row is dropped), so a row may hold the end of one document and the start of
+others. Per row the pipeline also returns ``segment_ids`` (the number of EOS tokens before each
+position: a document's EOS belongs to it) and per-document ``positions``; with
+``data.document_aware`` the trainer passes them to the model, so GDN state, short conv and attention
+restart at every document start. Targets are the next token; the last position of a row has none.
+
+Order: rows are shuffled with grain's ``MapDataset.shuffle`` (a fresh permutation per epoch, from the
+seed), repeated forever, and every global batch of ``global_batch_size`` consecutive rows is split
+across hosts (host i takes its contiguous block). The iterator's ``get_state()`` (the next batch
+index) goes into each checkpoint, so a resumed run reads exactly the batches it would have read.
+
+The default corpus, ``data/pydoc_topics.u8``, is byte-level (token = byte, EOS = 1, vocab 256 as
+``configs/models/tiny.json``): the 79 help topics of the CPython documentation that ship with Python as
+``pydoc_data.topics`` (PSF license), one document each. Rebuild it with
+``python -m olmo_hybrid_jax.train.data byte-corpus --out data/pydoc_topics.u8``.
+
+CLI (writes token files)::
+
+    python -m olmo_hybrid_jax.train.data tokenize --tokenizer tokenizer.json --out corpus.u32 FILE...
+    python -m olmo_hybrid_jax.train.data bytes --out corpus.u8 FILE...
+    python -m olmo_hybrid_jax.train.data byte-corpus --out data/pydoc_topics.u8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from olmo_hybrid_jax.train.config import REPO_ROOT
+
+_SUFFIX_DTYPES = {".u8": np.uint8, ".u16": np.uint16, ".u32": np.uint32}
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or malformed (the message names it)."""
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given (absolute, or relative to the cwd), else relative to the repo root."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def open_token_file(path: str | Path, token_dtype: str = "auto") -> np.ndarray:
+    """Memory-map a token file as a 1-D integer array; DataError naming the file on any problem."""
+    p = resolve_path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {path} (looked in {Path.cwd()} and {REPO_ROOT})")
+    if not p.is_file():
+        raise DataError(f"data path is not a file: {p}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise DataError(f"cannot read data file {p}: {e}") from e
+    try:
+        if head == _NPY_MAGIC:
+            arr = np.load(p, mmap_mode="r")
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(f"{p}: expected a 1-D integer token array, got {arr.dtype} {arr.shape}")
+            if token_dtype != "auto" and np.dtype(token_dtype) != arr.dtype:
+                raise DataError(f"{p}: .npy holds {arr.dtype} but data.token_dtype={token_dtype}")
+        else:
+            if token_dtype == "auto":
+                dt = _SUFFIX_DTYPES.get(p.suffix)
+                if dt is None:
+                    raise DataError(f"{p}: raw token file of unknown dtype; set data.token_dtype "
+                                    "(uint16/uint32) or name it *.u8 / *.u16 / *.u32")
+            else:
+                dt = np.dtype(token_dtype)
+            size = p.stat().st_size
+            if size == 0:
+                raise DataError(f"data file is empty: {p}")
+            if size % np.dtype(dt).itemsize:
+                raise DataError(f"{p}: size {size} B is not a multiple of the {np.dtype(dt).name} token size")
+            arr = np.memmap(p, dtype=dt, mode="r")
+    except DataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read data file {p}: {e}") from e
+    return arr
+
+
+class PackedRows:
+    """Random-access source of fixed-length rows over several token files (grain data source)."""
+
+    def __init__(self, paths: Iterable[str], seq_len: int, eos_id: int, token_dtype: str = "auto"):
+        self.seq_len, self.eos_id = int(seq_len), int(eos_id)
+        self.paths = [str(resolve_path(p)) for p in paths]
+        self.arrays = [open_token_file(p, token_dtype) for p in paths]
+        counts = [len(a) // self.seq_len for a in self.arrays]
+        for p, a, c in zip(paths, self.arrays, counts):
+            if c == 0:
+                raise DataError(f"{p}: {len(a)} tokens is shorter than one row of data.seq_len={self.seq_len}")
+        self.offsets = np.cumsum([0] + counts)
+        self.num_tokens = int(sum(len(a) for a in self.arrays))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        i = int(i)
+        f = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        r = i - int(self.offsets[f])
+        L = self.seq_len
+        tokens = np.asarray(self.arrays[f][r * L:(r + 1) * L]).astype(np.int32)
+        return pack_row(tokens, self.eos_id)
+
+    def __repr__(self) -> str:  # grain shows this in its errors
+        return f"PackedRows({len(self)} rows x {self.seq_len}, files={self.paths})"
+
+
+def pack_row(tokens: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+    """tokens [L] -> {tokens, segment_ids, positions} (segment = number of EOS strictly before)."""
+    is_eos = tokens == eos_id
+    seg = np.concatenate([[0], np.cumsum(is_eos[:-1])]).astype(np.int32)
+    starts = np.concatenate([[True], seg[1:] != seg[:-1]])
+    idx = np.arange(len(tokens))
+    start_idx = np.maximum.accumulate(np.where(starts, idx, 0))
+    return {"tokens": tokens, "segment_ids": seg, "positions": (idx - start_idx).astype(np.int32)}
+
+
+def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: int = 1):
+    """The grain MapDataset of this host's batches (index = step): dicts of [local_batch, seq_len] arrays."""
+    import grain
+
+    GB = dcfg.global_batch_size
+    if GB % process_count:
+        raise DataError(f"data.global_batch_size={GB} is not divisible by the {process_count} processes")
+    LB = GB // process_count
+    rows = PackedRows(dcfg.paths, dcfg.seq_len, eos_id, dcfg.token_dtype)
+    ds = grain.MapDataset.source(rows)
+    if dcfg.shuffle:
+        ds = ds.shuffle(seed=dcfg.seed)
+    ds = ds.repeat()  # infinite; a shuffled dataset gets a new permutation each epoch
+    base = process_index * LB
+
+    def host_row(i):  # host-local row i -> global row (contiguous block of each global batch)
+        return ds[(i // LB) * GB + base + (i % LB)]
+
+    local = grain.MapDataset.range(0, len(ds) // GB * LB).map(host_row).batch(LB, drop_remainder=True)
+    return local, rows
+
+
+def make_iterator(dataset, dcfg):
+    """A checkpointable iterator (``get_state`` / ``set_state``) with read threads and prefetch."""
+    import grain
+
+    opts = grain.ReadOptions(num_threads=max(int(dcfg.num_threads), 0), prefetch_buffer_size=max(int(dcfg.prefetch), 0))
+    return iter(dataset.to_iter_dataset(opts))
+
+
+# ------------------------------------------------------------------------------------ writing token files
+def _out_dtype(out: Path, dtype: str | None, vocab_max: int) -> np.dtype:
+    if dtype:
+        return np.dtype(dtype)
+    if out.suffix in _SUFFIX_DTYPES:
+        return np.dtype(_SUFFIX_DTYPES[out.suffix])
+    return np.dtype(np.uint16 if vocab_max < 2 ** 16 else np.uint32)
+
+
+def write_token_file(docs: Iterable[Iterable[int]], out: str | Path, *, eos_id: int, dtype: str | None = None,
+                     vocab_max: int = 2 ** 32 - 1) -> tuple[Path, int]:
+    """Write documents (token-id sequences) each followed by ``eos_id``; .npy gets a header, else raw."""
+    out = Path(out)
+    dt = _out_dtype(out, dtype, vocab_max)
+    info = np.iinfo(dt)
+    chunks = []
+    for doc in docs:
+        a = np.asarray(list(doc) if not isinstance(doc, np.ndarray) else doc, dtype=np.int64)
+        chunks.append(a)
+        chunks.append(np.array([eos_id], np.int64))
+    arr = np.concatenate(chunks) if chunks else np.zeros((0,), np.int64)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise DataError(f"token ids up to {arr.max()} do not fit {dt.name}; pass --dtype uint32")
+    arr = arr.astype(dt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        if out.suffix == ".npy":
+            np.save(f, arr)
+        else:
+            arr.tofile(f)
+    tmp.replace(out)
+    return out, int(arr.size)
+
+
+def read_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
+    """Documents from .txt (one per file) and .jsonl (one per line, ``text_field``) files."""
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"input file not found: {p}")
+        try:
+            if p.suffix == ".jsonl":
+                with open(p, encoding="utf-8") as f:
+                    for n, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                yield json.loads(line)[text_field]
+                            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                                raise DataError(f"{p}:{n}: not a JSON object with a {text_field!r} field: {e}") from e
+            else:
+                yield p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {p}: {e}") from e
+
+
+def tokenize_files(tokenizer_json: str, inputs: list[str], out: str, *, eos_id: int | None = None,
+                   dtype: str | None = None, text_field: str = "text") -> tuple[Path, int]:
+    """Tokenize text with an HF ``tokenizers`` tokenizer.json into a token file (EOS after each doc)."""
+    from tokenizers import Tokenizer
+
+    tp = Path(tokenizer_json)
+    if not tp.is_file():
+        raise DataError(f"tokenizer file not found: {tp}")
+    try:
+        tok = Tokenizer.from_file(str(tp))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception type)
+        raise DataError(f"cannot load tokenizer {tp}: {e}") from e
+    if eos_id is None:
+        for name in ("<|endoftext|>", "</s>", "<eos>", "[SEP]"):
+            eos_id = tok.token_to_id(name)
+            if eos_id is not None:
+                break
+        if eos_id is None:
+            raise DataError(f"{tp}: no EOS token found (<|endoftext|>, </s>, <eos>); pass --eos-id")
+    docs = (tok.encode(text, add_special_tokens=False).ids for text in read_documents(inputs, text_field))
+    return write_token_file(docs, out, eos_id=eos_id, dtype=dtype, vocab_max=tok.get_vocab_size())
+
+
+def byte_documents(texts: Iterable[str]) -> Iterator[np.ndarray]:
+    for t in texts:
+        yield np.frombuffer(t.encode("utf-8"), np.uint8)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m olmo_hybrid_jax.train.data", description="write token files")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenize", help="text/jsonl -> token file with an HF tokenizer.json")
+    t.add_argument("--tokenizer", required=True)
+    t.add_argument("--out", required=True, help="*.npy (with header), *.u16/*.u32 or any name (raw, --dtype)")
+    t.add_argument("--eos-id", type=int, default=None)
+    t.add_argument("--dtype", default=None, choices=["uint16", "uint32"])
+    t.add_argument("--text-field", default="text")
+    t.add_argument("inputs", nargs="+")
+    b = sub.add_parser("bytes", help="text/jsonl -> byte-level token file (token = byte, EOS id 1)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--eos-id", type=int, default=1)
+    b.add_argument("--text-field", default="text")
+    b.add_argument("inputs", nargs="+")
+    c = sub.add_parser("byte-corpus", help="the embedded default corpus (pydoc_data.topics, byte-level)")
+    c.add_argument("--out", default="data/pydoc_topics.u8")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "tokenize":
+            out, n = tokenize_files(args.tokenizer, args.inputs, args.out, eos_id=args.eos_id, dtype=args.dtype,
+                                    text_field=args.text_field)
+        elif args.cmd == "bytes":
+            out, n = write_token_file(byte_documents(read_documents(args.inputs, args.text_field)), args.out,
+                                      eos_id=args.eos_id, dtype="uint8")
+        else:
+            import pydoc_data.topics as topics
+
+            texts = [topics.topics[k] for k in sorted(topics.topics)]
+            out, n = write_token_file(byte_documents(texts), args.out, eos_id=1, dtype="uint8")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {n:,} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
