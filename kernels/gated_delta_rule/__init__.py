@@ -1,9 +1,26 @@
 """Gated delta rule (the linear-attention recurrence of Gated DeltaNet).
 
-Public entry: :func:`gated_delta_rule`; see ``api.py`` for the contract.
+Public entries: :func:`gated_delta_rule` (a whole sequence; see ``api.py`` for
+the contract), :func:`gated_delta_rule_step` (one token against a cached
+state, for generation) and :func:`context_parallel_gated_delta_rule` (one
+sequence split across a mesh axis).
 """
 
 from kernels.gated_delta_rule.api import BACKENDS, gated_delta_rule, shapes_supported
-from kernels.gated_delta_rule.config import ChunkConfig
+from kernels.gated_delta_rule.associative_scan import context_parallel_gated_delta_rule
+from kernels.gated_delta_rule.config import ChunkConfig, PallasConfig
+from kernels.gated_delta_rule.decode import gated_delta_rule_step
+from kernels.gated_delta_rule.gates import decay_gate, l2_normalize, write_strength
 
-__all__ = ["BACKENDS", "ChunkConfig", "gated_delta_rule", "shapes_supported"]
+__all__ = [
+    "BACKENDS",
+    "ChunkConfig",
+    "PallasConfig",
+    "context_parallel_gated_delta_rule",
+    "decay_gate",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
+    "l2_normalize",
+    "shapes_supported",
+    "write_strength",
+]

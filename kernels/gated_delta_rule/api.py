@@ -3,7 +3,9 @@
 Contract (arrays in, arrays out; no model knowledge):
 
     gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
-                     segment_ids=None, output_final_state=False, backend="auto")
+                     segment_ids=None, output_final_state=False, backend="auto",
+                     use_qk_l2norm_in_kernel=False, A_log=None, dt_bias=None,
+                     beta_sigmoid=False, beta_scale=1.0)
         -> (o, final_state)
 
     q, k          [B, T, H, K]    floating
@@ -18,8 +20,22 @@ Contract (arrays in, arrays out; no model knowledge):
 
 Per (b, h), with state S in R^{K x V}:
     S_t = exp(g_t) S_{t-1};  S_t += k_t (beta_t (v_t - S_t^T k_t))^T;  o_t = S_t^T (scale q_t)
-scale=None means K ** -0.5. q and k are NOT normalised here (the caller does it).
-All math is float32 whatever the input dtype; o is rounded once, to v.dtype.
+scale=None means K ** -0.5. q and k are NOT normalised unless asked.
+All math is float32 whatever the input dtype; o is rounded once, to v.dtype
+(the pallas backend feeds its dots 16-bit operands when q, k, v are 16-bit).
+
+Input transforms (default off; same math on every backend, from ``gates.py``;
+differentiable w.r.t. the raw inputs):
+    use_qk_l2norm_in_kernel  q, k <- x * rsqrt(sum(x^2) + 1e-6)   (fp32)
+    A_log [H] (+ dt_bias [H]) g is the raw gate input a: g <- -exp(A_log) softplus(a + dt_bias)
+    beta_sigmoid, beta_scale  beta <- beta_scale * (sigmoid(beta) if beta_sigmoid else beta)
+The pallas backend applies them to the tiles it loads (no extra HBM pass); the
+others apply them in plain JAX before the recurrence.
+
+Backends: "sequential" (token-by-token oracle), "chunked" (WY form, lax.scan
+over chunks), "associative_scan" (WY form, associative scan over per-chunk
+affine maps), "pallas" (Triton kernels; interpret mode on CPU). "auto" is
+pallas on GPU, chunked elsewhere.
 
 Backends live in ``BACKENDS`` (a name -> Backend registry); adding one is one
 entry plus, if it should be picked automatically, one place in
@@ -36,6 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.gated_delta_rule import pallas_gpu
+from kernels.gated_delta_rule.associative_scan import associative_scan_gated_delta_rule
+from kernels.gated_delta_rule.gates import InputTransforms, apply_input_transforms
 from kernels.gated_delta_rule.reference import sequential_gated_delta_rule
 from kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
 
@@ -44,24 +63,36 @@ from kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
 class Backend:
     """A registered implementation.
 
-    fn: (q, k, v, g, beta, *, scale, initial_state, segment_ids) -> (o fp32, state fp32);
-        receives float32 arrays that already passed validation.
+    fn: (q, k, v, g, beta, *, scale, initial_state, segment_ids) -> (o, state fp32);
+        receives float32 arrays that already passed validation and had the
+        input transforms applied, unless ``fused``.
     supports: (q, k, v, platform) -> reason it cannot run, or None. Only
         backend-specific limits go here (shared validation happens first).
+    fused: fn takes the caller's dtypes and the transforms itself, as extra
+        keywords transforms=InputTransforms, A_log=, dt_bias=.
+    platforms: where "auto" may pick it (None: anywhere).
     """
 
     fn: Callable
     supports: Callable[..., Optional[str]] = lambda q, k, v, platform: None
+    fused: bool = False
+    platforms: Optional[tuple[str, ...]] = None
 
 
 BACKENDS: dict[str, Backend] = {
     "sequential": Backend(sequential_gated_delta_rule),
     "chunked": Backend(chunked_gated_delta_rule),
+    "associative_scan": Backend(associative_scan_gated_delta_rule),
+    "pallas": Backend(
+        pallas_gpu.pallas_gated_delta_rule,
+        supports=pallas_gpu.supports,
+        fused=True,
+        platforms=("gpu", "cuda"),
+    ),
 }
 
 # "auto" takes the first backend here that supports the input on this platform.
-# (A GPU pallas backend goes first once it exists.)
-_AUTO_PRIORITY: tuple[str, ...] = ("chunked",)
+_AUTO_PRIORITY: tuple[str, ...] = ("pallas", "chunked")
 
 
 def _valid_names() -> str:
@@ -127,7 +158,10 @@ def _resolve(backend: str, q, k, v) -> str:
     if backend == "auto":
         platform = _platform()
         for name in _AUTO_PRIORITY:
-            if BACKENDS[name].supports(q, k, v, platform) is None:
+            be = BACKENDS[name]
+            if be.platforms is not None and platform not in be.platforms:
+                continue
+            if be.supports(q, k, v, platform) is None:
                 return name
         return "sequential"  # always supported
     if backend not in BACKENDS:
@@ -155,6 +189,31 @@ def shapes_supported(backend, q, k, v, g=None, beta=None, *, initial_state=None,
     return BACKENDS[name].supports(q, k, v, _platform())
 
 
+def _transforms(q, use_qk_l2norm_in_kernel, A_log, dt_bias, beta_sigmoid, beta_scale):
+    """Validates the transform options; returns (InputTransforms, message or None)."""
+    H = q.shape[2]
+    if A_log is None:
+        if dt_bias is not None:
+            return None, "dt_bias is only used with A_log (the in-kernel gate); pass A_log too"
+    else:
+        for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+            if x is None:
+                continue
+            if not hasattr(x, "shape") or tuple(x.shape) != (H,):
+                return None, f"{name} must have shape [H] = [{H}], got {tuple(getattr(x, 'shape', ()))}"
+            if not _is_float(x):
+                return None, f"{name} must be a floating dtype, got {x.dtype}"
+    if not isinstance(beta_scale, (int, float, np.floating, np.integer)):
+        return None, f"beta_scale must be a static Python number, got {type(beta_scale).__name__}"
+    tr = InputTransforms(
+        qk_l2norm=bool(use_qk_l2norm_in_kernel),
+        gate=A_log is not None,
+        beta_sigmoid=bool(beta_sigmoid),
+        beta_scale=float(beta_scale),
+    )
+    return tr, None
+
+
 def gated_delta_rule(
     q,
     k,
@@ -167,8 +226,13 @@ def gated_delta_rule(
     segment_ids=None,
     output_final_state=False,
     backend="auto",
+    use_qk_l2norm_in_kernel=False,
+    A_log=None,
+    dt_bias=None,
+    beta_sigmoid=False,
+    beta_scale=1.0,
 ):
-    """Gated delta rule; see the module docstring for shapes and math.
+    """Gated delta rule; see the module docstring for shapes, math and options.
 
     Returns (o in v.dtype [B, T, H, V], final_state float32 [B, H, K, V] or None).
     Raises ValueError naming the problem for bad shapes/dtypes or an unknown
@@ -179,8 +243,12 @@ def gated_delta_rule(
     problem = _check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     if problem is not None:
         raise ValueError(f"gated_delta_rule: {problem}")
+    tr, problem = _transforms(q, use_qk_l2norm_in_kernel, A_log, dt_bias, beta_sigmoid, beta_scale)
+    if problem is not None:
+        raise ValueError(f"gated_delta_rule: {problem}")
     name = _resolve(backend, q, k, v)
-    problem = BACKENDS[name].supports(q, k, v, _platform())
+    be = BACKENDS[name]
+    problem = be.supports(q, k, v, _platform())
     if problem is not None:
         raise ValueError(f"gated_delta_rule backend {name!r} cannot take this input: {problem}")
 
@@ -192,15 +260,22 @@ def gated_delta_rule(
     scale = float(scale)
 
     f32 = jnp.float32
-    o, final_state = BACKENDS[name].fn(
-        q.astype(f32),
-        k.astype(f32),
-        v.astype(f32),
-        g.astype(f32),
-        beta.astype(f32),
-        scale=scale,
-        initial_state=None if initial_state is None else initial_state.astype(f32),
-        segment_ids=segment_ids,
-    )
+    if be.fused:
+        o, final_state = be.fn(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+            transforms=tr, A_log=A_log, dt_bias=dt_bias,
+        )
+    else:
+        q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
+        o, final_state = be.fn(
+            q.astype(f32),
+            k.astype(f32),
+            v.astype(f32),
+            g,
+            beta,
+            scale=scale,
+            initial_state=None if initial_state is None else initial_state.astype(f32),
+            segment_ids=segment_ids,
+        )
     o = o.astype(v.dtype)  # the single rounding to the caller's dtype
     return o, (final_state if output_final_state else None)

@@ -74,40 +74,25 @@ def _to_chunks(x, n_chunks, chunk):
     return x.transpose(perm)
 
 
-def chunked_gated_delta_rule(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    *,
-    scale,
-    initial_state=None,
-    segment_ids=None,
-    config: ChunkConfig = DEFAULT_CHUNK_CONFIG,
-):
-    """Chunked gated delta rule (see module docstring for the algorithm).
+def chunk_pieces(q, k, v, g, beta, *, scale, starts=None, chunk_size: int = 64):
+    """Everything of the chunked form that depends on one chunk only (module docstring).
 
-    Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H];
-    initial_state [B, H, K, V] or None (zeros); segment_ids int [B, T] or None.
-    Returns o float32 [B, T, H, V] and the final state float32 [B, H, K, V].
+    q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H] (any float; used as fp32);
+    starts: int/bool [B, T] (1 where the state restarts before token t) or None.
+    Returns a dict of chunk-major arrays (N = ceil(T / C)):
+        U [N,B,H,C,V], W [N,B,H,C,K], k_end [N,B,H,C,K], state_decay [N,B,H],
+        q_state [N,B,H,C,K] (scale folded in), P [N,B,H,C,C] (scale folded in),
+    so that, with S_in the state entering chunk n,
+        Vnew = U - W S_in;  S_out = state_decay S_in + k_end^T Vnew;  O = q_state S_in + P Vnew.
     """
     f32 = jnp.float32
     q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = config.chunk_size
+    C = chunk_size
     N = max(1, -(-T // C))
     pad = N * C - T
-
-    if initial_state is None:
-        initial_state = jnp.zeros((B, H, K, V), f32)
-    state0 = initial_state.astype(f32)
-    if segment_ids is None:
-        starts = jnp.zeros((B, T), jnp.int32)
-    else:
-        # Pads get no start (== padding ids with the row's last id).
-        starts = segment_starts(segment_ids).astype(jnp.int32)
+    starts = jnp.zeros((B, T), jnp.int32) if starts is None else starts.astype(jnp.int32)
 
     if pad:
         # Zero pads are inert: beta = k = 0 writes nothing, g = 0 decays nothing.
@@ -148,17 +133,48 @@ def chunked_gated_delta_rule(
     k_end = kc * to_end[..., None]  # [N,B,H,C,K]
     state_decay = gexp[..., -1]  # [N,B,H]: exp(gamma_{C-1}) if S_in survives the chunk
 
+    q_state = (scale * gexp)[..., None] * qc  # [N,B,H,C,K]
+    P = scale * _einsum("nbhik,nbhjk->nbhij", qc, kc) * D  # [N,B,H,C,C], diagonal kept
+    return dict(U=U, W=W, k_end=k_end, state_decay=state_decay, q_state=q_state, P=P)
+
+
+def chunk_outputs(pieces, S_in, v_new, T):
+    """O [B, T, H, V] from the pieces, the chunk-entry states S_in and Vnew (both chunk-major)."""
+    o = _einsum("nbhck,nbhkv->nbhcv", pieces["q_state"], S_in) + _einsum("nbhij,nbhjv->nbhiv", pieces["P"], v_new)
+    N, B, H, C, V = o.shape
+    return o.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
+
+
+def chunked_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale,
+    initial_state=None,
+    segment_ids=None,
+    config: ChunkConfig = DEFAULT_CHUNK_CONFIG,
+):
+    """Chunked gated delta rule (see module docstring for the algorithm).
+
+    Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H];
+    initial_state [B, H, K, V] or None (zeros); segment_ids int [B, T] or None.
+    Returns o float32 [B, T, H, V] and the final state float32 [B, H, K, V].
+    """
+    f32 = jnp.float32
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    state0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    starts = None if segment_ids is None else segment_starts(segment_ids)
+    pc = chunk_pieces(q, k, v, g, beta, scale=scale, starts=starts, chunk_size=config.chunk_size)
+
     def step(S, xs):
         U_n, W_n, k_end_n, decay_n = xs
         v_new = U_n - _einsum("bhck,bhkv->bhcv", W_n, S)
         S_next = decay_n[..., None, None] * S + _einsum("bhck,bhcv->bhkv", k_end_n, v_new)
         return S_next, (S, v_new)
 
-    final_state, (S_in, v_new) = jax.lax.scan(step, state0, (U, W, k_end, state_decay))
-
-    q_state = (scale * gexp)[..., None] * qc  # [N,B,H,C,K]
-    P = scale * _einsum("nbhik,nbhjk->nbhij", qc, kc) * D  # [N,B,H,C,C], diagonal kept
-    o = _einsum("nbhck,nbhkv->nbhcv", q_state, S_in) + _einsum("nbhij,nbhjv->nbhiv", P, v_new)
-
-    o = o.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T]
-    return o, final_state
+    final_state, (S_in, v_new) = jax.lax.scan(step, state0, (pc["U"], pc["W"], pc["k_end"], pc["state_decay"]))
+    return chunk_outputs(pc, S_in, v_new, T), final_state

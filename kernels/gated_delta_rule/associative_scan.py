@@ -1,0 +1,183 @@
+"""Gated delta rule with the state passing between chunks as an associative scan.
+
+Algorithm
+---------
+The chunked form (``xla_chunked.py``) makes each chunk n an affine map of the
+state entering it (S in R^{K x V}, everything fp32):
+
+    S_out = M_n S_in + c_n,    M_n = d_n I - k_end_n^T W_n   [K, K],   c_n = k_end_n^T U_n   [K, V]
+
+Affine maps compose associatively, (M2, c2) o (M1, c1) = (M2 M1, M2 c1 + c2), so
+``jax.lax.associative_scan`` gives every prefix map in O(log N) parallel steps
+(N = ceil(T / C) chunks). S_in of chunk n is prefix_{n-1} applied to the
+initial state; outputs then come from the same per-chunk pieces as the chunked
+backend (one batched matmul). Work is O(N K^2 (K + V)) for the scan against
+O(N K V C) for the sequential chunk walk: it trades FLOPs for depth, which pays
+when the sequence is split across devices.
+
+Context parallelism (``context_parallel_gated_delta_rule``): the sequence axis
+is split across a mesh axis. Each device builds its chunks' maps and composes
+them locally (one associative scan); the per-device total maps are
+``all_gather``-ed (P x (K^2 + K V) floats per head), each device composes the
+maps of the devices before it with the initial state to get its entry state,
+and the final state is every device's composition of all P maps (so it comes
+out replicated). Only the maps cross devices, never activations.
+
+Segment restarts are inside the maps (a restart zeroes d_n and the rows of W
+past it), so they need no special case; the restart flags are computed on the
+whole sequence before it is split so that a restart at a device boundary is
+seen. Pads that make a device's slice a whole number of chunks are inert
+(q = k = v = beta = g = 0), so they may sit mid-sequence.
+
+HBM passes: as the chunked backend for the pieces and outputs, plus log2(N)
+passes over the [N, B, H, K, K + V] maps. Rounding: fp32 throughout, HIGHEST
+matmul precision; the caller rounds O once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.gated_delta_rule.common import segment_starts
+from kernels.gated_delta_rule.config import DEFAULT_CHUNK_CONFIG, ChunkConfig
+from kernels.gated_delta_rule.gates import NO_TRANSFORMS, InputTransforms, apply_input_transforms
+from kernels.gated_delta_rule.xla_chunked import chunk_outputs, chunk_pieces
+
+try:  # jax >= 0.7 exports shard_map at the top level
+    from jax import shard_map as _shard_map
+
+    _CHECK_KW = "check_vma"
+except ImportError:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+    _CHECK_KW = "check_rep"
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _mm(spec, *ops):
+    return jnp.einsum(spec, *ops, precision=_HI)
+
+
+def chunk_maps(pieces):
+    """Per-chunk affine maps (M [N,B,H,K,K], c [N,B,H,K,V]) with S_out = M S_in + c."""
+    K = pieces["W"].shape[-1]
+    eye = jnp.eye(K, dtype=jnp.float32)
+    M = pieces["state_decay"][..., None, None] * eye - _mm("nbhck,nbhcj->nbhkj", pieces["k_end"], pieces["W"])
+    c = _mm("nbhck,nbhcv->nbhkv", pieces["k_end"], pieces["U"])
+    return M, c
+
+
+def compose(first, second):
+    """second o first for (M, c) maps (batched over leading dims)."""
+    M1, c1 = first
+    M2, c2 = second
+    return _mm("...ij,...jk->...ik", M2, M1), _mm("...ij,...jv->...iv", M2, c1) + c2
+
+
+def apply_map(m, S):
+    M, c = m
+    return _mm("...ij,...jv->...iv", M, S) + c
+
+
+def _local_states(M, c, S_entry):
+    """Chunk-entry states S_in [N,B,H,K,V] and the exit state, from maps and the entry state."""
+    pM, pc = jax.lax.associative_scan(compose, (M, c), axis=0)  # inclusive prefixes
+    S_out = apply_map((pM, pc), S_entry[None])  # [N,B,H,K,V]
+    S_in = jnp.concatenate([S_entry[None], S_out[:-1]], axis=0)
+    return S_in, S_out[-1], (pM[-1], pc[-1])
+
+
+def _outputs(pieces, S_in, T):
+    v_new = pieces["U"] - _mm("nbhck,nbhkv->nbhcv", pieces["W"], S_in)
+    return chunk_outputs(pieces, S_in, v_new, T)
+
+
+def associative_scan_gated_delta_rule(
+    q, k, v, g, beta, *, scale, initial_state=None, segment_ids=None, config: ChunkConfig = DEFAULT_CHUNK_CONFIG
+):
+    """Gated delta rule with an associative scan over chunk maps (module docstring).
+
+    Shapes as the chunked backend; returns o float32 [B, T, H, V], final state float32 [B, H, K, V].
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    starts = None if segment_ids is None else segment_starts(segment_ids)
+    pieces = chunk_pieces(q, k, v, g, beta, scale=scale, starts=starts, chunk_size=config.chunk_size)
+    M, c = chunk_maps(pieces)
+    S_in, final, _ = _local_states(M, c, S0)
+    return _outputs(pieces, S_in, T), final
+
+
+def context_parallel_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    mesh,
+    axis_name: str,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    output_final_state: bool = False,
+    transforms: InputTransforms = NO_TRANSFORMS,
+    A_log=None,
+    dt_bias=None,
+    config: ChunkConfig = DEFAULT_CHUNK_CONFIG,
+):
+    """Gated delta rule with the sequence split over ``mesh`` axis ``axis_name``.
+
+    Same contract as :func:`kernels.gated_delta_rule` (q, k [B,T,H,K], v [B,T,H,V],
+    g, beta [B,T,H], initial_state [B,H,K,V], segment_ids [B,T], the l2norm /
+    gate / beta transforms); T must divide by the axis size. Other mesh axes
+    are not used (inputs are replicated over them). Returns (o in v.dtype
+    sharded along T, final state fp32 replicated or None). Differentiable.
+    """
+    P = jax.sharding.PartitionSpec
+    n_dev = mesh.shape[axis_name]
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T % n_dev:
+        raise ValueError(f"T = {T} must divide by the size {n_dev} of mesh axis {axis_name!r}")
+    if scale is None:
+        scale = float(K) ** -0.5
+    out_dtype = v.dtype
+    f32 = jnp.float32
+    q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=transforms, A_log=A_log, dt_bias=dt_bias)
+    v = v.astype(f32)
+    S0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    # Restart flags on the whole sequence: a restart at a device boundary compares across it.
+    starts = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_starts(segment_ids).astype(jnp.int32)
+
+    def local(q, k, v, g, beta, starts, S0):
+        T_loc = q.shape[1]
+        pieces = chunk_pieces(q, k, v, g, beta, scale=scale, starts=starts, chunk_size=config.chunk_size)
+        M, c = chunk_maps(pieces)
+        pM, pc = jax.lax.associative_scan(compose, (M, c), axis=0)
+        total = (pM[-1], pc[-1])  # this device's whole slice as one map
+        all_M = jax.lax.all_gather(total[0], axis_name)  # [P, B, H, K, K]
+        all_c = jax.lax.all_gather(total[1], axis_name)
+        me = jax.lax.axis_index(axis_name)
+        S_entry, S_final = S0, S0
+        for p in range(n_dev):  # P is small: a Python loop of P map applications
+            S_next = apply_map((all_M[p], all_c[p]), S_entry)
+            S_entry = jnp.where(p < me, S_next, S_entry)
+            S_final = apply_map((all_M[p], all_c[p]), S_final)
+        S_out = apply_map((pM, pc), S_entry[None])
+        S_in = jnp.concatenate([S_entry[None], S_out[:-1]], axis=0)
+        return _outputs(pieces, S_in, T_loc).astype(out_dtype), S_final
+
+    seq = P(None, axis_name)
+    fn = _shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(seq, seq, seq, seq, seq, seq, P()),
+        out_specs=(seq, P()),
+        **{_CHECK_KW: False},
+    )
+    o, final = fn(q, k, v, g, beta, starts, S0)
+    return o, (final if output_final_state else None)
