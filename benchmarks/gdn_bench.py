@@ -1,0 +1,360 @@
+"""Gated delta rule: GPU check and benchmark of every backend against FLA, in one command.
+
+Two processes of this script, one after the other in the same command on the same card:
+
+    python3 benchmarks/gdn_bench.py --fla --json /tmp/fla.json     # torch: FLA times + card ceilings
+    python3 benchmarks/gdn_bench.py --json /tmp/fla.json           # jax: checks, our times, the table
+
+The FLA process imports ``fla_baseline`` from ``.bench_peer/`` (a git-ignored copy of the peer
+script, carried to the GPU machine with FLA's wheels); the project itself never needs it. FLA's
+backward runs with its Triton<3.7.1 Hopper guard lifted, for TIMING ONLY (its backward values are
+not used). Our times: jax, block_until_ready, median over many calls after warm-up; FLA's:
+triton.testing.do_bench median. Inputs as FLA's peer script draws them (l2-normalised q/k,
+g = log sigmoid(2 n + 4), beta = 2 sigmoid(n)), bf16 q/k/v, fp32 g/beta.
+
+Sequential (token-by-token) is the correctness oracle here, not a timed row: at T = 8192 it is a
+lax.scan of 8192 steps, and its backward keeps every token's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+SHAPES = [(1, 8192, 30, 96, 192), (4, 8192, 30, 96, 192), (1, 32768, 30, 96, 192), (2, 8192, 16, 128, 256)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gdn_inputs(B, T, H, K, V, seed=0):
+    """fp32 numpy inputs drawn like the peer script's (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, K)).astype(np.float32)
+    k = rng.standard_normal((B, T, H, K)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((B, T, H, V)).astype(np.float32)
+    g = np.log(1 / (1 + np.exp(-(rng.standard_normal((B, T, H)) * 2 + 4)))).astype(np.float32)
+    beta = (2 / (1 + np.exp(-rng.standard_normal((B, T, H))))).astype(np.float32)
+    return q, k, v, g, beta
+
+
+def model_flops_bytes(B, T, H, K, V, C=64):
+    """(fwd FLOPs, fwd+bwd FLOPs, fwd bytes, fwd+bwd bytes): the floor counts of gdn_kernels.md.
+
+    FLOPs per token-head: fwd 6CK + 4CV + 6KV, bwd (recompute) 18CK + 10CV + 16KV (x2 for
+    multiply-add already inside). Bytes: read q, k, v (bf16), g, beta (fp32), write o (bf16);
+    the backward also reads dO and writes dq, dk, dv (bf16), dg, dbeta (fp32).
+    """
+    n = B * T * H
+    f_fwd = n * (6 * C * K + 4 * C * V + 6 * K * V)
+    f_bwd = n * (18 * C * K + 10 * C * V + 16 * K * V)
+    io_fwd = n * (2 * (2 * K + V) + 8 + 2 * V)
+    io_bwd = n * (2 * (2 * K + V) + 8 + 2 * V + 2 * (2 * K + V) + 8)
+    return f_fwd, f_fwd + f_bwd, io_fwd, io_fwd + io_bwd
+
+
+# ----------------------------------------------------------------------------- FLA (torch) process
+
+
+def run_fla(json_path):
+    import torch
+    import triton
+
+    sys.path.insert(0, os.path.join(ROOT, ".bench_peer"))
+    import fla_baseline
+
+    fla_baseline.lift_hopper_guard()  # timing only
+    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
+    # Card ceilings (METHOD.md): device copy (bytes read + written) and a bf16 matmul.
+    x = torch.empty(2 * 1024**3 // 4, dtype=torch.float32, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    res["copy_TBps"] = 2 * x.numel() * 4 / (ms * 1e-3) / 1e12
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    res["matmul_TFLOPs"] = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    del a, b
+    print(f"[fla] card {res['card']}: copy {res['copy_TBps']:.2f} TB/s, bf16 matmul {res['matmul_TFLOPs']:.0f} TFLOP/s",
+          flush=True)
+    res["shapes"] = {}
+    for shp in SHAPES:
+        try:
+            f, fb, out = fla_baseline.fla_gdn_times(shp)
+            res["shapes"][str(shp)] = {"fwd": f, "fwd_bwd": fb}
+            if shp == SHAPES[0]:
+                np.save("/tmp/fla_out_7b.npy", out)
+            print(f"[fla] {shp}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+        except Exception as e:  # keep going: the table shows what failed
+            res["shapes"][str(shp)] = {"error": repr(e)[:300]}
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    with open(json_path, "w") as fh:
+        json.dump(res, fh, indent=1)
+
+
+# ----------------------------------------------------------------------------- JAX process
+
+
+def _timeit(f, *args, iters=20, warmup=3):
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def _err(x, ref):
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return (float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)),
+            float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30)))
+
+
+def run_checks(log):
+    """Pallas vs the sequential fp32 oracle at 7B head shapes (bf16 and fp32 inputs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import gated_delta_rule
+
+    def fwd(backend, *a, **kw):
+        return jax.jit(lambda *x: gated_delta_rule(*x, output_final_state=True, backend=backend, **kw))(*a)
+
+    # 1) forward at the 7B layer shape, bf16 inputs, against the oracle on the same (rounded) values
+    shp = SHAPES[0]
+    B, T, H, K, V = shp
+    q, k, v, g, beta = gdn_inputs(*shp, seed=1)
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    gb = [jnp.asarray(x) for x in (g, beta)]
+    o, s = fwd("pallas", *bf, *gb)
+    o_ref, s_ref = fwd("sequential", *[x.astype(jnp.float32) for x in bf], *gb)
+    assert np.isfinite(np.asarray(o, np.float32)).all()
+    eo, es = _err(o.astype(jnp.float32), o_ref), _err(s, s_ref)
+    log(f"check fwd {shp} bf16 pallas vs sequential fp32: o rel-fro {eo[0]:.2e} max {eo[1]:.2e}; "
+        f"final state rel-fro {es[0]:.2e} max {es[1]:.2e}")
+    del o, s, o_ref, s_ref
+
+    # 2) every gradient at T = 2048 (the oracle's backward keeps every token's state), bf16 and fp32
+    Tg = min(2048, T)
+    rng = np.random.default_rng(2)
+    sl = lambda x: x[:, :Tg]  # noqa: E731
+    s0 = jnp.asarray(rng.standard_normal((B, H, K, V)) * 0.1, jnp.float32)
+    ct_o = jnp.asarray(rng.standard_normal((B, Tg, H, V)), jnp.bfloat16).astype(jnp.float32)  # same for both
+    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    seg = np.zeros((B, Tg), np.int32)
+    seg[:, Tg // 3:] = 1
+    seg[:, (3 * Tg) // 4 + 5:] = 2
+    seg = jnp.asarray(seg)
+
+    def vjp(backend, q, k, v, g, beta, s0, seg):
+        def f(q, k, v, g, beta, s0):
+            return gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, output_final_state=True,
+                                    backend=backend)
+
+        (o, s), pb = jax.vjp(f, q, k, v, g, beta, s0)
+        return (o, s) + pb((ct_o.astype(o.dtype), ct_s))
+
+    names = ("o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0")
+    for dt in (jnp.bfloat16, jnp.float32):
+        ins = [jnp.asarray(sl(x), dt) for x in (q, k, v)] + [jnp.asarray(sl(x)) for x in (g, beta)]
+        ref_ins = [x.astype(jnp.float32) for x in ins]
+        for sg in (None, seg):
+            out = jax.jit(lambda *a: vjp("pallas", *a))(*ins, s0, sg)
+            ref = jax.jit(lambda *a: vjp("sequential", *a))(*ref_ins, s0, sg)
+            errs = {n: _err(np.asarray(a.astype(jnp.float32)), r) for n, a, r in zip(names, out, ref)}
+            log(f"check vjp {(B, Tg, H, K, V)} {jnp.dtype(dt).name} segments={sg is not None}: "
+                + ", ".join(f"{n} {e[0]:.1e}/{e[1]:.1e}" for n, e in errs.items()) + "  (rel-fro/max)")
+
+
+def check_vs_fla(log):
+    """Our forward against FLA's forward on the same draw (FLA's forward values are a fair reference)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import gated_delta_rule
+
+    if not os.path.exists("/tmp/fla_out_7b.npy"):
+        return
+    shp = SHAPES[0]
+    q0, k0, v0, g0, b0 = gdn_inputs(*shp, seed=0)
+    f = jax.jit(lambda *x: gated_delta_rule(*x, backend="pallas")[0])
+    o0 = f(*[jnp.asarray(x, jnp.bfloat16) for x in (q0, k0, v0)], jnp.asarray(g0), jnp.asarray(b0))
+    ef = _err(o0.astype(jnp.float32), np.load("/tmp/fla_out_7b.npy"))
+    log(f"check fwd {shp} bf16 pallas vs FLA fwd: rel-fro {ef[0]:.2e} max {ef[1]:.2e}")
+
+
+def run_ours(json_path, out_dir, skip_checks=False):
+    import jax
+    import jax.numpy as jnp
+
+    from kernels import gated_delta_rule
+
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    dev = jax.devices()[0]
+    log(f"jax {jax.__version__} on {dev.device_kind} ({jax.default_backend()})")
+    peer = {}
+    if json_path and os.path.exists(json_path):
+        with open(json_path) as fh:
+            peer = json.load(fh)
+    if not skip_checks:
+        try:
+            run_checks(log)
+        except Exception:
+            log("CHECKS FAILED:\n" + traceback.format_exc())
+    try:
+        check_vs_fla(log)
+    except Exception:
+        log("FLA comparison failed:\n" + traceback.format_exc())
+
+    backends = ["pallas", "chunked", "associative_scan"]
+    table = {}
+    for shp in SHAPES:
+        q, k, v, g, beta = gdn_inputs(*shp)
+        args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)] + [jnp.asarray(x) for x in (g, beta)]
+        del q, k, v, g, beta
+        for be in backends:
+            fwd = jax.jit(lambda *a, be=be: gated_delta_rule(*a, backend=be)[0])
+
+            def loss(*a, be=be):
+                return jnp.sum(gated_delta_rule(*a, backend=be)[0].astype(jnp.float32) ** 2)
+
+            fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+            row = {}
+            iters = 20 if be == "pallas" else 5
+            for name, f in (("fwd", fwd), ("fwd_bwd", fb)):
+                try:
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(*args))
+                    row[name + "_compile_s"] = time.perf_counter() - t0
+                    row[name] = _timeit(f, *args, iters=iters, warmup=2)
+                except Exception as e:
+                    row[name] = None
+                    row[name + "_error"] = repr(e)[:400]
+                    log(f"{be} {name} {shp} FAILED: {repr(e)[:2000]}")
+            table[(shp, be)] = row
+            log(f"{be:>16} {shp}: fwd {row.get('fwd')} ms, fwd+bwd {row.get('fwd_bwd')} ms")
+        if shp in SHAPES[:2]:
+            try:
+                breakdown(args, log)
+            except Exception:
+                log("breakdown failed:\n" + traceback.format_exc())
+        del args
+
+    # ------------------------------------------------------------------ the table
+    card = dev.device_kind
+    log("")
+    log(f"card: {card} (jax {jax.__version__}); FLA process saw: {peer.get('card')}, "
+        f"copy {peer.get('copy_TBps', float('nan')):.2f} TB/s, bf16 matmul {peer.get('matmul_TFLOPs', float('nan')):.0f} TFLOP/s")
+    hdr = "| shape (B,T,H,K,V) | " + " | ".join(f"{b} fwd | {b} fwd+bwd" for b in backends) + \
+          " | FLA fwd | FLA fwd+bwd | pallas/FLA fwd | pallas/FLA fwd+bwd |"
+    log(hdr)
+    log("|" + "---|" * (hdr.count("|") - 1))
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for shp in SHAPES:
+        cells = []
+        for be in backends:
+            r = table.get((shp, be), {})
+            cells += [fmt(r.get("fwd")), fmt(r.get("fwd_bwd"))]
+        fla = peer.get("shapes", {}).get(str(shp), {})
+        pf, pfb = table.get((shp, "pallas"), {}).get("fwd"), table.get((shp, "pallas"), {}).get("fwd_bwd")
+        ratio = lambda a, b: "-" if (a is None or b is None) else f"{a / b:.2f}x"  # noqa: E731
+        log(f"| {shp} | " + " | ".join(cells) + f" | {fmt(fla.get('fwd'))} | {fmt(fla.get('fwd_bwd'))} | "
+            f"{ratio(pf, fla.get('fwd'))} | {ratio(pfb, fla.get('fwd_bwd'))} |")
+    log("")
+    bw, mm = peer.get("copy_TBps"), peer.get("matmul_TFLOPs")
+    for shp in SHAPES:
+        ff, ffb, bf_, bfb = model_flops_bytes(*shp)
+        r = table.get((shp, "pallas"), {})
+        if r.get("fwd") and bw and mm:
+            floor_f = max(bf_ / (bw * 1e12), ff / (mm * 1e12)) * 1e3
+            floor_fb = max(bfb / (bw * 1e12), ffb / (mm * 1e12)) * 1e3
+            log(f"roofline {shp}: fwd {ff / 1e9:.0f} GFLOP, {bf_ / 1e6:.0f} MB -> floor {floor_f:.3f} ms "
+                f"(pallas {r['fwd']:.3f}); fwd+bwd {ffb / 1e9:.0f} GFLOP, {bfb / 1e6:.0f} MB -> floor {floor_fb:.3f} ms "
+                f"(pallas {r.get('fwd_bwd') or float('nan'):.3f})")
+    if out_dir:
+        with open(os.path.join(out_dir, "gdn_bench.log"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        with open(os.path.join(out_dir, "gdn_bench.json"), "w") as fh:
+            json.dump({"card": card, "peer": peer, "rows": {f"{s}|{b}": r for (s, b), r in table.items()}}, fh,
+                      indent=1)
+
+
+def breakdown(args, log):
+    """Times of each Pallas kernel alone, with the bytes it must move (to place the time)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.gated_delta_rule import pallas_gpu as pg
+
+    q, k, v, g, beta = args
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    st = pg._Static(B=B, T=T, H=H, K=K, V=V, KP=max(16, pg._next_pow2(K)), BV=64, NV=-(-V // 64),
+                    N=-(-T // 64), scale=K ** -0.5, cd="bfloat16", tr=pg.NO_TRANSFORMS, has_seg=False,
+                    interpret=jax.default_backend() == "cpu", config=pg.DEFAULT_PALLAS_CONFIG)
+    cnt = jnp.zeros((1, 64), jnp.int32)
+    z = jnp.zeros((H,), jnp.float32)
+    s0 = jnp.zeros((B, H, K, V), jnp.float32)
+    inv = jax.jit(lambda k, g, b: pg._wy_inverse(st, k, g, b, cnt, z, z))
+    tm = inv(k, g, beta)
+    fwd = jax.jit(lambda *a: pg._forward(st, *a, cnt, z, z, s0, tm, save_h=False))
+    fwd_h = jax.jit(lambda *a: pg._forward(st, *a, cnt, z, z, s0, tm, save_h=True))
+    o, sT, hs = fwd_h(q, k, v, g, beta)
+    do = o
+    bst = jax.jit(lambda: pg._backward_state(st, q, k, g, beta, cnt, z, z, tm, do, sT))
+    dh, _ = bst()
+    bgr = jax.jit(lambda: pg._backward_grads(st, q, k, v, g, beta, cnt, z, z, tm, do, hs, dh))
+    n = B * T * H
+    items = [
+        ("gdn_wy_inverse", lambda: inv(k, g, beta), n * (2 * K + 8 + 2 * 64)),
+        ("gdn_fwd (no h)", lambda: fwd(q, k, v, g, beta), n * (2 * (2 * K + V) + 8 + 128 + 2 * V)),
+        ("gdn_fwd (+h)", lambda: fwd_h(q, k, v, g, beta), n * (2 * (2 * K + V) + 8 + 128 + 2 * V) + hs.size * 2),
+        ("gdn_bwd_state", bst, n * (2 * (2 * K + V) + 8 + 128) + dh.size * 2),
+        ("gdn_bwd_grads", bgr, n * (2 * 2 * (2 * K + V) + 8 + 8 + 128 + 2 * V) + 2 * hs.size * 2),
+    ]
+    for name, f, nbytes in items:
+        ms = _timeit(f, iters=20, warmup=2)
+        log(f"  kernel {name:>16} {tuple(q.shape[:3])}: {ms:.3f} ms, >= {nbytes / 1e6:.0f} MB -> "
+            f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fla", action="store_true", help="run the FLA peer (torch) and write --json")
+    ap.add_argument("--json", default="/tmp/fla.json")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--checks-only", action="store_true", help="only the correctness checks (exit 1 on failure)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test of this script at small shapes")
+    a = ap.parse_args()
+    if a.tiny:
+        SHAPES[:] = [(1, 130, 2, 96, 192), (2, 70, 2, 12, 20)]
+    if a.fla:
+        run_fla(a.json)
+    elif a.checks_only:
+        sys.path.insert(0, ROOT)
+        import jax
+
+        print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+        run_checks(lambda m: print(m, flush=True))  # raises (non-zero exit) on failure
+    else:
+        sys.path.insert(0, ROOT)
+        run_ours(a.json, a.out, skip_checks=a.skip_checks)
