@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from olmo_hybrid_jax.cache import Cache
 from olmo_hybrid_jax.config import FULL, LINEAR, OlmoHybridConfig
 from olmo_hybrid_jax.modules import MLP, Attention, GatedDeltaNet, RMSNorm
 
@@ -28,9 +29,19 @@ class LinearAttentionDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, h: Array, *, positions, segment_ids=None, padding_mask=None) -> Array:
-        h = h + self.linear_attn(self.input_layernorm(h), segment_ids=segment_ids, padding_mask=padding_mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, h: Array, *, positions, segment_ids=None, padding_mask=None, cache=None, cache_index=None,
+                 cache_key_mask=None):
+        """h [B, T, H] -> [B, T, H]; with ``cache`` (a GDNCache) -> (h, updated cache).
+
+        ``cache_index`` and ``cache_key_mask`` are accepted (and unused) so that both layer kinds take
+        the same keywords.
+        """
+        if cache is None:
+            h = h + self.linear_attn(self.input_layernorm(h), segment_ids=segment_ids, padding_mask=padding_mask)
+            return h + self.mlp(self.post_attention_layernorm(h))
+        y, cache = self.linear_attn(self.input_layernorm(h), padding_mask=padding_mask, cache=cache)
+        h = h + y
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
 
 
 class AttentionDecoderLayer(nnx.Module):
@@ -45,10 +56,17 @@ class AttentionDecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, h: Array, *, positions, segment_ids=None, padding_mask=None) -> Array:
-        h = h + self.post_attention_layernorm(
-            self.self_attn(h, positions=positions, segment_ids=segment_ids, key_mask=padding_mask))
-        return h + self.post_feedforward_layernorm(self.mlp(h))
+    def __call__(self, h: Array, *, positions, segment_ids=None, padding_mask=None, cache=None, cache_index=None,
+                 cache_key_mask=None):
+        """h [B, T, H] -> [B, T, H]; with ``cache`` (a KVCache) -> (h, updated cache); see ``Attention``."""
+        if cache is None:
+            h = h + self.post_attention_layernorm(
+                self.self_attn(h, positions=positions, segment_ids=segment_ids, key_mask=padding_mask))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
+        y, cache = self.self_attn(h, positions=positions, key_mask=padding_mask, cache=cache,
+                                  cache_index=cache_index, cache_key_mask=cache_key_mask)
+        h = h + self.post_attention_layernorm(y)
+        return h + self.post_feedforward_layernorm(self.mlp(h)), cache
 
 
 class OlmoHybridModel(nnx.Module):
@@ -69,11 +87,22 @@ class OlmoHybridModel(nnx.Module):
         self.layers = nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, input_ids: Array, *, positions=None, segment_ids=None, padding_mask=None) -> Array:
+    def __call__(self, input_ids: Array, *, positions=None, segment_ids=None, padding_mask=None,
+                 cache: tuple | None = None, cache_index=None, cache_key_mask=None):
+        """Final-normed hidden states [B, T, H]; with ``cache`` (one layer cache per layer) -> (h, caches)."""
         h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(h, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
-        return self.norm(h)
+        if cache is None:
+            for layer in self.layers:
+                h = layer(h, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
+            return self.norm(h)
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layer caches for {len(self.layers)} layers")
+        new = []
+        for layer, c in zip(self.layers, cache):
+            h, c = layer(h, positions=positions, padding_mask=padding_mask, cache=c, cache_index=cache_index,
+                         cache_key_mask=cache_key_mask)
+            new.append(c)
+        return self.norm(h), tuple(new)
 
 
 class OlmoHybridForCausalLM(nnx.Module):
@@ -99,13 +128,22 @@ class OlmoHybridForCausalLM(nnx.Module):
                                       kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
 
     def __call__(self, input_ids: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-                 attention_mask: Array | None = None) -> Array:
-        """Logits for ``input_ids`` [B, T].
+                 attention_mask: Array | None = None, cache: Cache | None = None, fresh_cache: bool = False,
+                 logits_to_keep: int | None = None):
+        """Logits for ``input_ids`` [B, T]; with ``cache``, ``(logits, updated cache)``.
 
-        positions: [B, T] RoPE positions (default 0..T-1; unused by NoPE models).
+        positions: [B, T] RoPE positions (default 0..T-1, or with a cache the row's count of real tokens
+          so far plus ``cumsum(attention_mask) - 1``, HF generate's convention; unused by NoPE models).
         segment_ids: [B, T] int ids of packed documents; nothing crosses a change of id (GDN state,
-          short conv and attention all restart).
+          short conv and attention all restart). Not with a cache.
         attention_mask: [B, T] 1 for real tokens, 0 for left padding (HF semantics).
+        cache: a :class:`olmo_hybrid_jax.cache.Cache`; the tokens are appended at slot ``cache.length``
+          (attention sees every real cached token, GDN layers continue from the cached conv windows and
+          state). Use ``olmo_hybrid_jax.generate`` rather than driving this by hand.
+        fresh_cache: promise (static) that ``cache`` is empty, so attention runs over the new tokens only
+          through the fused causal kernel: the prefill path.
+        logits_to_keep: compute logits for the last this many positions only (1 for generation; at long
+          prompts the full [B, T, vocab] logits would not fit).
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -118,9 +156,34 @@ class OlmoHybridForCausalLM(nnx.Module):
                 raise ValueError(f"{name} must have shape {(B, T)} like input_ids, got {tuple(a.shape)}")
         if segment_ids is not None and attention_mask is not None:
             raise ValueError("pass either segment_ids (packed documents) or attention_mask (left padding), not both")
+        if cache is None:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            h = self.model(input_ids, positions=positions, segment_ids=segment_ids, padding_mask=attention_mask)
+            return self._logits(h, logits_to_keep)
+        if segment_ids is not None:
+            raise ValueError("segment_ids cannot be combined with a cache (one sequence per row)")
+        if cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} rows but input_ids has {B}")
+        if T > cache.max_len:
+            raise ValueError(f"{T} tokens do not fit a cache of max_len {cache.max_len}")
+        real = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        index = 0 if fresh_cache else cache.length
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, real, index, axis=1)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        h = self.model(input_ids, positions=positions, segment_ids=segment_ids, padding_mask=attention_mask)
+            positions = cache.positions[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
+            positions = jnp.where(real, positions, 0)
+        h, layers = self.model(input_ids, positions=positions, padding_mask=attention_mask, cache=cache.layers,
+                               cache_index=index, cache_key_mask=key_mask)
+        new = Cache(layers=layers, key_mask=key_mask, length=(index + T) * jnp.ones((), jnp.int32),
+                    positions=cache.positions + jnp.sum(real, axis=1, dtype=jnp.int32))
+        return self._logits(h, logits_to_keep), new
+
+    def _logits(self, h: Array, logits_to_keep: int | None) -> Array:
+        if logits_to_keep is not None:
+            if not isinstance(logits_to_keep, int) or logits_to_keep < 1:
+                raise ValueError(f"logits_to_keep must be a positive int or None, got {logits_to_keep!r}")
+            h = h[:, -logits_to_keep:]
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.attend(h)
         return self.lm_head(h)

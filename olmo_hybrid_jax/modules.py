@@ -18,8 +18,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import gated_delta_rule
+from olmo_hybrid_jax.cache import GDNCache, KVCache
 
 Array = jax.Array
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, *, scale):
+    """One recurrent step (T == 1) of the gated delta rule, for decoding.
+
+    q, k [B, 1, H, K], v [B, 1, H, V], g, beta [B, 1, H], state [B, H, K, V] fp32 ->
+    (o [B, 1, H, V] in v.dtype, new fp32 state). Runs the exact sequential backend with T = 1 (one
+    state read and write per layer and token: the decode floor). The fused Pallas step
+    (``kernels.gated_delta_rule_step``) plugs in here once its layout is settled.
+    """
+    return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=True,
+                            backend="sequential")
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
@@ -169,12 +182,54 @@ def causal_attention(q: Array, k: Array, v: Array, *, scale: float, segment_ids:
     logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is None:
         mask = jnp.tril(jnp.ones((T, S), bool))[None]
-    m = mask[:, None, None]
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # fully masked rows (left padding) give zeros
+    probs = _masked_softmax(logits, mask[:, None, None], v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+def _masked_softmax(logits: Array, mask: Array, dtype) -> Array:
+    """fp32 softmax of ``logits`` where ``mask``; rows with no key at all (left padding) give zeros."""
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(mask, probs, 0.0).astype(dtype)
+
+
+def causal_attention_left_padded(q: Array, k: Array, v: Array, *, scale: float, key_mask: Array,
+                                 implementation: str = "auto") -> Array:
+    """Causal attention over left-padded rows without materialising a [T, T] mask.
+
+    Each row is rotated so its real tokens come first and its pads last, plain causal attention runs
+    (a real query never sees the trailing pads), and the output is rotated back. Real tokens get exactly
+    what ``causal_attention(..., key_mask=key_mask)`` gives them; pad queries get finite values that
+    nothing reads (GDN inputs and attention keys are masked at pads). ``key_mask`` [B, T] must be
+    left padding (zeros, then ones). This keeps the fused cuDNN kernel (``is_causal``, no mask operand)
+    usable for padded prefill at long T, where a [B, 1, T, T] mask would not fit.
+    """
+    B, T = key_mask.shape
+    npad = T - jnp.sum(key_mask.astype(jnp.int32), axis=1)  # [B]
+    t = jnp.arange(T)[None, :]
+    fwd = ((t + npad[:, None]) % T)[:, :, None, None]  # rotated[t] = x[(t + npad) % T]
+    back = ((t - npad[:, None]) % T)[:, :, None, None]
+    rot = lambda x, idx: jnp.take_along_axis(x, idx, axis=1)  # noqa: E731
+    o = causal_attention(rot(q, fwd), rot(k, fwd), rot(v, fwd), scale=scale, implementation=implementation)
+    return rot(o, back)
+
+
+def attention_over_cache(q: Array, k_cache: Array, v_cache: Array, mask: Array, *, scale: float) -> Array:
+    """Softmax attention of new queries over a heads-major cache.
+
+    q [B, T, H, D]; k_cache, v_cache [B, Hkv, S, D]; mask [B, T, S] (True = may attend) -> [B, T, H, D].
+    Both products are batched over (row, kv head) with contiguous [S, D] slabs, so a decode step reads
+    each cached key and value once (memory-bound; no relayout of the cache). fp32 logits and softmax.
+    """
+    B, T, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    qg = q.reshape(B, T, Hkv, H // Hkv, D).transpose(0, 2, 3, 1, 4)  # [B, g, r, T, D]
+    logits = jnp.einsum("bgrtd,bgsd->bgrts", qg.astype(k_cache.dtype), k_cache,
+                        preferred_element_type=jnp.float32) * scale
+    probs = _masked_softmax(logits, mask[:, None, None], v_cache.dtype)
+    out = jnp.einsum("bgrts,bgsd->bgrtd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -196,7 +251,17 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(nkv * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
-                 key_mask: Array | None = None) -> Array:
+                 key_mask: Array | None = None, cache: KVCache | None = None, cache_index=None,
+                 cache_key_mask: Array | None = None):
+        """x [B, T, H] -> [B, T, H]; with ``cache``, -> (output, updated cache).
+
+        Cached mode (inference): the new keys/values are written into the heads-major ``cache`` at slots
+        ``cache_index .. cache_index + T``. ``cache_index`` is the Python int 0 for a prefill into an
+        empty cache (attention then runs over the new tokens only, through the fused causal kernel, with
+        ``key_mask`` [B, T] marking left padding), or a traced slot index for a continuation/decode step
+        (attention over the whole buffer, masked by ``cache_key_mask`` [B, max_len], which already marks
+        the new tokens, and by slot order).
+        """
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_norm(self.k_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -204,9 +269,38 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = causal_attention(q, k, v, scale=self.head_dim ** -0.5, segment_ids=segment_ids,
-                             key_mask=key_mask, implementation=self.implementation)
-        return self.o_proj(o.reshape(B, T, -1))
+        scale = self.head_dim ** -0.5
+        if cache is None:
+            o = causal_attention(q, k, v, scale=scale, segment_ids=segment_ids,
+                                 key_mask=key_mask, implementation=self.implementation)
+            return self.o_proj(o.reshape(B, T, -1))
+        if segment_ids is not None:
+            raise ValueError("Attention: segment_ids cannot be combined with a cache")
+        if cache_index is None:
+            raise ValueError("Attention: cached mode needs cache_index (0 for a fresh prefill)")
+        to_cache = lambda x: x.swapaxes(1, 2).astype(cache.k.dtype)  # noqa: E731  [B, nkv, T, hd]
+        new = KVCache(k=jax.lax.dynamic_update_slice_in_dim(cache.k, to_cache(k), cache_index, axis=2),
+                      v=jax.lax.dynamic_update_slice_in_dim(cache.v, to_cache(v), cache_index, axis=2))
+        fresh = isinstance(cache_index, int) and not isinstance(cache_index, bool) and cache_index == 0
+        if fresh:  # nothing older in the cache: causal attention over the new tokens
+            if T > cache.k.shape[2]:
+                raise ValueError(f"Attention: {T} tokens do not fit a cache of {cache.k.shape[2]} slots")
+            impl = self.implementation
+            if impl == "auto":
+                impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+            if key_mask is not None and impl == "cudnn":
+                o = causal_attention_left_padded(q, k, v, scale=scale, key_mask=key_mask, implementation=impl)
+            else:
+                o = causal_attention(q, k, v, scale=scale, key_mask=key_mask, implementation=impl)
+        else:
+            if cache_key_mask is None:
+                raise ValueError("Attention: a continued cache needs cache_key_mask [B, max_len]")
+            L = cache.k.shape[2]
+            slots = jnp.arange(L)
+            qslots = cache_index + jnp.arange(T)
+            mask = (slots[None, :] <= qslots[:, None])[None] & cache_key_mask[:, None, :].astype(bool)
+            o = attention_over_cache(q, new.k, new.v, mask, scale=scale)
+        return self.o_proj(o.reshape(B, T, -1)), new
 
 
 def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
@@ -267,13 +361,27 @@ class GatedDeltaNet(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
         self.o_norm = GatedRMSNorm(self.dv, eps=1e-5, param_dtype=param_dtype)
 
-    def __call__(self, x: Array, *, segment_ids: Array | None = None, padding_mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, *, segment_ids: Array | None = None, padding_mask: Array | None = None,
+                 cache: GDNCache | None = None):
+        """x [B, T, H] -> [B, T, H]; with ``cache`` (a :class:`GDNCache`), -> (output, updated cache).
+
+        Cached mode continues the sequence: the conv windows replace the zero left-padding of the short
+        convs and the state is the recurrence's initial state (the chunked kernel for T > 1, one
+        recurrent step for T == 1); the new windows and the final fp32 state are returned.
+        """
         B, T, _ = x.shape
         if padding_mask is not None:  # HF zeroes left-padding tokens before the projections
             x = x * padding_mask[:, :, None].astype(x.dtype)
-        q = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids)
-        k = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids)
-        v = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids)
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("GatedDeltaNet: segment_ids cannot be combined with a cache")
+            q, cq = self.q_conv1d(self.q_proj(x), cache=cache.conv_q, return_cache=True)
+            k, ck = self.k_conv1d(self.k_proj(x), cache=cache.conv_k, return_cache=True)
+            v, cv = self.v_conv1d(self.v_proj(x), cache=cache.conv_v, return_cache=True)
+        else:
+            q = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids)
+            k = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids)
+            v = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids)
         q = l2_normalize(q.reshape(B, T, self.nk, self.dk))
         k = l2_normalize(k.reshape(B, T, self.nk, self.dk))
         v = v.reshape(B, T, self.nv, self.dv)
@@ -284,11 +392,20 @@ class GatedDeltaNet(nnx.Module):
                             allow_neg_eigval=self.allow_neg_eigval)
         # q, k are fp32 after the l2norm; feed the kernel in the compute dtype (it accumulates in fp32).
         q, k = q.astype(v.dtype), k.astype(v.dtype)
-        o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.dk ** -0.5, segment_ids=segment_ids,
-                                backend=self.backend)
+        if cache is None:
+            o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.dk ** -0.5, segment_ids=segment_ids,
+                                    backend=self.backend)
+        elif T == 1:
+            o, state = gated_delta_rule_step(q, k, v, g, beta, cache.state, scale=self.dk ** -0.5)
+        else:
+            o, state = gated_delta_rule(q, k, v, g, beta, scale=self.dk ** -0.5, initial_state=cache.state,
+                                        output_final_state=True, backend=self.backend)
         gate = self.g_proj(x).reshape(B, T, self.nv, self.dv)
-        y = self.o_norm(o, gate).reshape(B, T, self.nv * self.dv)
-        return self.o_proj(y)
+        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.nv * self.dv))
+        if cache is None:
+            return y
+        dt = cache.conv_q.dtype
+        return y, GDNCache(conv_q=cq.astype(dt), conv_k=ck.astype(dt), conv_v=cv.astype(dt), state=state)
 
 
 class MLP(nnx.Module):
