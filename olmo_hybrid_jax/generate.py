@@ -114,9 +114,11 @@ def compute_dtype(model) -> jnp.dtype:
     return jnp.dtype(emb.dtype if emb.dtype is not None else emb.embedding[...].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "logits_to_keep", "rows", "max_len", "cache_dtype"),
+@functools.partial(jax.jit, static_argnames=("logits_to_keep", "rows", "max_len", "cache_dtype"),
                    donate_argnames=("cache",))
-def _prefill_rows(state, ids, mask, cache, start, *, graphdef, logits_to_keep, rows, max_len, cache_dtype):
+# graphdef travels as an ordinary (leafless, static-registered) argument: jit compares it by equality;
+# as a static_argname it would need a hash, which a config holding a rope dict does not have.
+def _prefill_rows(graphdef, state, ids, mask, cache, start, *, logits_to_keep, rows, max_len, cache_dtype):
     """Prefill ``ids`` (``rows`` rows) into a fresh cache and write it at rows ``start:`` of ``cache``.
 
     ``cache`` None: return the fresh cache itself (the whole batch in one go).
@@ -129,14 +131,14 @@ def _prefill_rows(state, ids, mask, cache, start, *, graphdef, logits_to_keep, r
     return logits, set_rows(cache, fresh, start)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "logits_to_keep"), donate_argnames=("cache",))
-def _extend(state, ids, mask, cache, *, graphdef, logits_to_keep):
+@functools.partial(jax.jit, static_argnames=("logits_to_keep",), donate_argnames=("cache",))
+def _extend(graphdef, state, ids, mask, cache, *, logits_to_keep):
     model = nnx.merge(graphdef, state)
     return model(ids, attention_mask=mask, cache=cache, logits_to_keep=logits_to_keep)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos", "pad"), donate_argnames=("carry",))
-def _decode(state, carry, stop, *, graphdef, sampling, eos, pad):
+@functools.partial(jax.jit, static_argnames=("sampling", "eos", "pad"), donate_argnames=("carry",))
+def _decode(graphdef, state, carry, stop, *, sampling, eos, pad):
     """Run the decode while_loop until step ``stop`` (traced: segments never recompile) or all rows are done.
 
     carry: cache, logits [B, V] fp32 (for the next token), out [B, N] int32, step [], done [B], key.
@@ -237,15 +239,15 @@ def prefill(model, prompt_ids, *, attention_mask=None, max_len: int | None = Non
     if rows < 1 or B % rows:
         raise ValueError(f"prefill_batch_size={prefill_batch_size} must divide the batch of {B} rows")
     graphdef, state = nnx.split(model)
-    kw = dict(graphdef=graphdef, logits_to_keep=logits_to_keep, rows=rows, max_len=max_len,
+    kw = dict(logits_to_keep=logits_to_keep, rows=rows, max_len=max_len,
               cache_dtype=cache_dtype)
     if rows == B:
-        return _prefill_rows(state, jnp.asarray(ids), None if mask is None else jnp.asarray(mask), None,
+        return _prefill_rows(graphdef, state, jnp.asarray(ids), None if mask is None else jnp.asarray(mask), None,
                              0, **kw)
     cache, outs = init_cache(cfg, B, max_len, cache_dtype), []
     for s in range(0, B, rows):
         m = None if mask is None else jnp.asarray(mask[s:s + rows])
-        logits, cache = _prefill_rows(state, jnp.asarray(ids[s:s + rows]), m, cache, jnp.int32(s), **kw)
+        logits, cache = _prefill_rows(graphdef, state, jnp.asarray(ids[s:s + rows]), m, cache, jnp.int32(s), **kw)
         outs.append(logits)
     return jnp.concatenate(outs, axis=0), cache
 
@@ -266,7 +268,7 @@ def extend(model, cache: Cache, ids, *, attention_mask=None, logits_to_keep: int
         raise ValueError(f"cache holds {length} of {cache.max_len} slots; {T} more tokens do not fit")
     graphdef, state = nnx.split(model)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    return _extend(state, jnp.asarray(ids, jnp.int32), mask, cache, graphdef=graphdef,
+    return _extend(graphdef, state, jnp.asarray(ids, jnp.int32), mask, cache,
                    logits_to_keep=logits_to_keep)
 
 
@@ -339,7 +341,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None, do_
     shown = 0
     while True:
         stop = min(shown + interval, int(max_new_tokens))
-        carry = _decode(state, carry, jnp.int32(stop), graphdef=graphdef, sampling=sampling, eos=eos,
+        carry = _decode(graphdef, state, carry, jnp.int32(stop), sampling=sampling, eos=eos,
                         pad=int(pad_token_id))
         step = int(carry["step"])
         if stream is not None and step > shown:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from olmo_hybrid_jax import OlmoHybridConfig, OlmoHybridForCausalLM
 from olmo_hybrid_jax.config import PRESET_DIR
-from olmo_hybrid_jax.demo import greedy_generate
+from olmo_hybrid_jax.generate import generate
 
 
 def test_fields_mirror_transformers_config():
@@ -126,7 +126,7 @@ def test_causality_and_grad(tiny):
 
 def test_greedy_generate_matches_argmax_loop(tiny):
     ids = np.array([[5, 9, 200, 17]], np.int32)
-    out = greedy_generate(tiny, ids, 5)
+    out = generate(tiny, ids, 5, eos_token_id=())  # cached prefill + decode vs re-running the full forward
     seq = ids
     for _ in range(5):
         nxt = np.asarray(tiny(jnp.asarray(seq)))[:, -1].argmax(-1)
