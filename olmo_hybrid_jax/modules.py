@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels
 from kernels import gated_delta_rule
 from olmo_hybrid_jax.cache import GDNCache, KVCache
 
@@ -27,12 +28,12 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale):
     """One recurrent step (T == 1) of the gated delta rule, for decoding.
 
     q, k [B, 1, H, K], v [B, 1, H, V], g, beta [B, 1, H], state [B, H, K, V] fp32 ->
-    (o [B, 1, H, V] in v.dtype, new fp32 state). Runs the exact sequential backend with T = 1 (one
-    state read and write per layer and token: the decode floor). The fused Pallas step
-    (``kernels.gated_delta_rule_step``) plugs in here once its layout is settled.
+    (o [B, 1, H, V] in v.dtype, new fp32 state), through ``kernels.gated_delta_rule_step`` (which
+    takes the token axis squeezed): one state read and write per layer and token, the decode floor.
     """
-    return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=state, output_final_state=True,
-                            backend="sequential")
+    o, new_state = kernels.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
+                                                 scale=scale)
+    return o[:, None], new_state
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
