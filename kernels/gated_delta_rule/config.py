@@ -28,24 +28,28 @@ DEFAULT_CHUNK_CONFIG = ChunkConfig()
 class PallasConfig:
     """Launch parameters of the Pallas (Triton) kernels; the chunk size is fixed at 64.
 
-    block_v: state columns per program of the two chunk walks (a power of two >= 16;
-        smaller blocks give more programs when B*H is small, at the cost of re-reading
-        q, k and Tm once more per block).
-    num_warps_* / num_stages_*: Triton's knobs per kernel (inverse, the two walks,
-        the parallel gradient kernel).
+    block_v_walk: state columns per program of the two sequential chunk walks (a power of
+        two >= 16). The walks are latency-bound with one program per (head, V-block), so
+        narrower blocks put more programs on the GPU when B*H is small.
+    block_v: V columns per step of the parallel kernels (prep, output, gradients).
+    num_warps_* / num_stages_*: Triton's knobs per kernel.
     """
 
+    block_v_walk: int = 32
     block_v: int = 64
-    num_warps_inverse: int = 4
+    num_warps_prep: int = 2
     num_warps_walk: int = 4
     num_stages_walk: int = 2
+    num_warps_out: int = 4
+    num_stages_out: int = 1
     num_warps_grad: int = 8
     num_stages_grad: int = 1
 
     def __post_init__(self):
-        bv = self.block_v
-        if not isinstance(bv, int) or bv < 16 or bv & (bv - 1):
-            raise ValueError(f"block_v must be a power of two >= 16, got {bv!r}")
+        for name in ("block_v_walk", "block_v"):
+            bv = getattr(self, name)
+            if not isinstance(bv, int) or bv < 16 or bv & (bv - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {bv!r}")
 
 
 DEFAULT_PALLAS_CONFIG = PallasConfig()

@@ -89,6 +89,7 @@ except (ImportError, AttributeError):  # pragma: no cover - older layouts
 from kernels.gated_delta_rule.common import segment_starts
 from kernels.gated_delta_rule.config import DEFAULT_PALLAS_CONFIG, PallasConfig
 from kernels.gated_delta_rule.gates import (
+    L2NORM_EPS,
     NO_TRANSFORMS,
     InputTransforms,
     decay_gate,
@@ -116,8 +117,10 @@ class _Static:
     K: int
     V: int
     KP: int
-    BV: int
-    NV: int
+    BVw: int  # V columns per program of the two walks
+    NVw: int
+    BVp: int  # V columns per step of the parallel kernels
+    NVp: int
     N: int
     scale: float
     cd: str  # dot operand dtype name
@@ -166,10 +169,6 @@ def _store_vec(ref, val, b, h, t0, n, T):
     _store(ref.at[b, pl.ds(t0, n), h], val.astype(ref.dtype), mask=_tok_mask(t0, n, T))
 
 
-def _state_mask(st, v0):
-    return (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(st.BV)) < st.V)[None, :]
-
-
 def _head_params(st, alog_ref, dtb_ref, h):
     if not st.tr.gate:
         return None, None
@@ -194,10 +193,11 @@ def _gates(st, g_ref, beta_ref, b, h, t0, n, hp):
 class _Chunk:
     """Per-chunk decay quantities (all fp32), computed from loaded g / segment index."""
 
-    def __init__(self, st, g, cnt):
+    def __init__(self, st, g, cnt, gamma=None, need_d=True):
         idx = jnp.arange(C)
-        gamma = jnp.cumsum(g)
-        glast = jnp.sum(g)
+        if gamma is None:
+            gamma = jnp.cumsum(g)
+        glast = jnp.sum(jnp.where(idx == C - 1, gamma, 0.0))  # gamma_{C-1}
         causal = idx[:, None] >= idx[None, :]
         if st.has_seg:
             same = cnt[:, None] == cnt[None, :]
@@ -209,9 +209,10 @@ class _Chunk:
             sees = last = None
             sees_last = True
             dmask = causal
-        # mask the exponent before exp: masked-out entries may be positive and overflow
-        self.D = jnp.where(dmask, jnp.exp(jnp.where(dmask, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
-        self.strict = (idx[:, None] > idx[None, :]) & dmask
+        if need_d:
+            # mask the exponent before exp: masked-out entries may be positive and overflow
+            self.D = jnp.where(dmask, jnp.exp(jnp.where(dmask, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
+            self.strict = (idx[:, None] > idx[None, :]) & dmask
         gq = jnp.exp(gamma)
         te = jnp.exp(glast - gamma)
         if st.has_seg:
@@ -228,41 +229,39 @@ def _load_cnt(st, cnt_ref, b, t0, n):
     return _load(cnt_ref.at[b, pl.ds(t0, n)])
 
 
-def _inv_unit_lower(A, n):
-    """(I + A)^{-1} for strictly lower A [n, n] by forward substitution, fp32.
-
-    Row i of X = e_i - sum_{j<i} A_ij X_j; rows are produced in order (n - 1 steps,
-    each a masked row extraction and a vector-matrix product on CUDA cores).
-    """
-    rows = jnp.arange(n)[:, None]
-    cols = jnp.arange(n)[None, :]
-    X0 = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
-
-    def body(i, X):
-        a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0)  # row i of A, indexed by j
-        upd = jnp.sum(a_i[:, None] * X, axis=0)
-        return jnp.where(rows == i, X - upd[None, :], X)
-
-    return jax.lax.fori_loop(1, n, body, X0)
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
-def _wy_inverse_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_ref, *, st: _Static):
+def _load_tile(ref, b, h, r0, n, c0, w, width):
+    """Head-major padded intermediate [B, H, Tp, width] -> tile [n, w] (columns >= width read as 0)."""
+    m = ((c0 + jnp.arange(w)) < width)[None, :] & (jnp.arange(n) >= 0)[:, None]
+    return _load(ref.at[b, h, pl.ds(r0, n), pl.ds(c0, w)], mask=m, other=0)
+
+
+def _store_tile(ref, val, b, h, r0, n, c0, w, width):
+    m = ((c0 + jnp.arange(w)) < width)[None, :] & (jnp.arange(n) >= 0)[:, None]
+    _store(ref.at[b, h, pl.ds(r0, n), pl.ds(c0, w)], val.astype(ref.dtype), mask=m)
+
+
+def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
+                 gam_ref, tm_ref, w_ref, u_ref, *, st: _Static):
+    """Per chunk: gamma, Tm = (I + A)^{-1}, W = Tm diag(beta gq) K, U = Tm diag(beta) V."""
     n = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
     hp = _head_params(st, alog_ref, dtb_ref, h)
     nb = C // SUB
+    cd = st.cdt
     ks, gams, betas, cnts = [], [], [], []
     off = jnp.zeros((), f32)
     for r in range(nb):
         t0 = n * C + r * SUB
         ks.append(_qk(st, _load_rows(k_ref, b, h, t0, SUB, 0, st.KP, st.T, st.K)))
         g, beta = _gates(st, g_ref, beta_ref, b, h, t0, SUB, hp)
-        gams.append(off + jnp.cumsum(g))
+        gam = off + jnp.cumsum(g)
         off = off + jnp.sum(g)
+        _store(gam_ref.at[b, h, pl.ds(t0, SUB)], gam)
+        gams.append(gam)
         betas.append(beta)
         cnts.append(_load_cnt(st, cnt_ref, b, t0, SUB))
     idx = jnp.arange(SUB)
@@ -272,10 +271,11 @@ def _wy_inverse_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_re
             m = (idx[:, None] > idx[None, :]) if r == c else jnp.ones((SUB, SUB), bool)
             if st.has_seg:
                 m = m & (cnts[r][:, None] == cnts[c][None, :])
-            kk = _mm(ks[r], ks[c], st.cdt, tb=True)
+            kk = _mm(ks[r], ks[c], cd, tb=True)
             dec = jnp.exp(jnp.where(m, gams[r][:, None] - gams[c][None, :], 0.0))
             A[r, c] = jnp.where(m, betas[r][:, None] * kk * dec, 0.0)
-    X = {(r, r): _inv_unit_lower(A[r, r], SUB) for r in range(nb)}
+    diag = _inv_unit_lower_multi([A[r, r] for r in range(nb)], SUB)
+    X = {(r, r): diag[r] for r in range(nb)}
     for d in range(1, nb):  # block forward substitution, one sub-diagonal at a time
         for r in range(d, nb):
             c = r - d
@@ -288,75 +288,134 @@ def _wy_inverse_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_re
         for c in range(nb):
             blk = X[r, c] if c <= r else zero
             _store(tm_ref.at[b, h, n, pl.ds(r * SUB, SUB), pl.ds(c * SUB, SUB)], blk.astype(tm_ref.dtype))
-
-
-def _chunk_inputs(st, refs, b, h, n, hp):
-    """Loads and derives what every walk needs for chunk n: q, k (fp32/cd), beta, _Chunk, Tm."""
-    q_ref, k_ref, g_ref, beta_ref, cnt_ref, tm_ref = refs
-    t0 = n * C
-    q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-    k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-    g, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
-    ch = _Chunk(st, g, _load_cnt(st, cnt_ref, b, t0, C))
+    # Read Tm back as one [C, C] tile: two big dots instead of many 16-row ones. The barrier
+    # makes this program's global stores visible to all its threads (no-op when interpreted).
+    if not st.interpret:
+        plt.debug_barrier()
     tm = _load(tm_ref.at[b, h, n])
-    return q, k, beta, ch, tm
+    t0 = n * C
+    gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+    ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
+    k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+    _, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
+    _store_tile(w_ref, _mm(tm, (beta * ch.gq)[:, None] * k, cd), b, h, t0, C, 0, st.KP, st.K)
+    for vb in range(st.NVp):
+        v0 = vb * st.BVp
+        v = _load_rows(v_ref, b, h, t0, C, v0, st.BVp, st.T, st.V).astype(f32)
+        _store_tile(u_ref, _mm(tm, beta[:, None] * v, cd), b, h, t0, C, v0, st.BVp, st.V)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, s0_ref, tm_ref,
-                o_ref, st_ref, *h_ref, st: _Static):
+def _inv_unit_lower_multi(As, n):
+    """[(I + A)^{-1} for A in As] (strictly lower [n, n] each), forward substitution, fp32.
+
+    Row i of X = e_i - sum_{j<i} A_ij X_j; the blocks advance together, so each of the n - 1
+    steps has len(As) independent masked row extractions and vector-matrix products.
+    """
+    rows = jnp.arange(n)[:, None]
+    cols = jnp.arange(n)[None, :]
+    eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
+
+    def body(i, Xs):
+        out = []
+        for A, X in zip(As, Xs):
+            a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0)  # row i of A, indexed by j
+            upd = jnp.sum(a_i[:, None] * X, axis=0)
+            out.append(jnp.where(rows == i, X - upd[None, :], X))
+        return tuple(out)
+
+    return jax.lax.fori_loop(1, n, body, tuple(eye for _ in As))
+
+
+def _walk_kernel(k_ref, gam_ref, cnt_ref, w_ref, u_ref, s0_ref, h_ref, vn_ref, st_ref, *, st: _Static):
+    """Sequential over chunks; the fp32 state [KP, BVw] stays in registers.
+
+    Per chunk: h[n] = S; Vn = U - W S; S = d S + (diag(e) K)^T Vn. Only the two dots on S are
+    on the sequential path; W, U, K, gamma are loads that the pipeliner fetches ahead.
+    """
     vb = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
-    v0 = vb * st.BV
-    hp = _head_params(st, alog_ref, dtb_ref, h)
-    smask = _state_mask(st, v0)
+    BV = st.BVw
+    v0 = vb * BV
     cd = st.cdt
-    S0 = _load(s0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+    smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
+    S0 = _load(s0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0).astype(f32)
 
     def body(n, S):
-        q, k, beta, ch, tm = _chunk_inputs(st, (q_ref, k_ref, g_ref, beta_ref, cnt_ref, tm_ref), b, h, n, hp)
-        v = _load_rows(v_ref, b, h, n * C, C, v0, st.BV, st.T, st.V)
-        if h_ref:
-            _store(h_ref[0].at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], S.astype(h_ref[0].dtype), mask=smask)
-        W = _mm(tm, (beta * ch.gq)[:, None] * k, cd)
-        U = _mm(tm, beta[:, None] * v.astype(f32), cd)
+        t0 = n * C
+        k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=False)
+        W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
+        U = _load_tile(u_ref, b, h, t0, C, v0, BV, st.V).astype(f32)
         Vn = U - _mm(W, S, cd)
-        P = _mm(q, k, cd, tb=True) * ch.D
-        o = st.scale * (_mm((ch.gq[:, None]) * q, S, cd) + _mm(P, Vn, cd))
-        _store_rows(o_ref, o, b, h, n * C, C, v0, st.BV, st.T, st.V)
+        _store(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], S.astype(h_ref.dtype), mask=smask)
+        _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
         return ch.decay * S + _mm(ch.to_end[:, None] * k, Vn, cd, ta=True)
 
     S = jax.lax.fori_loop(0, st.N, body, S0)
-    _store(st_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], S, mask=smask)
+    _store(st_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], S, mask=smask)
 
 
-def _bwd_state_kernel(q_ref, k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_ref, do_ref, dst_ref,
-                      dh_ref, ds0_ref, *, st: _Static):
+def _out_kernel(q_ref, k_ref, gam_ref, cnt_ref, h_ref, vn_ref, o_ref, *, st: _Static):
+    """Parallel over (V-block, chunk, head): O = scale (diag(gq) Q h[n] + (Q K^T * D) Vn)."""
+    vb = pl.program_id(0)
+    n = pl.program_id(1)
+    bh = pl.program_id(2)
+    b, h = bh // st.H, bh % st.H
+    BV = st.BVp
+    v0 = vb * BV
+    cd = st.cdt
+    t0 = n * C
+    q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+    k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+    gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+    ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
+    smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
+    S = _load(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0)
+    Vn = _load_tile(vn_ref, b, h, t0, C, v0, BV, st.V)
+    P = _mm(q, k, cd, tb=True) * ch.D
+    o = st.scale * (_mm(ch.gq[:, None] * q, S, cd) + _mm(P, Vn, cd))
+    _store_rows(o_ref, o, b, h, t0, C, v0, BV, st.T, st.V)
+
+
+def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_ref, dvn_ref, ds0_ref,
+                     *, st: _Static):
+    """Reverse walk with dS (fp32) in registers; stores dh[n] = dS' and dVn per chunk.
+
+    dVn = scale (Q K^T * D)^T dO + diag(e) K dS';  dS = d dS' + scale (diag(gq) Q)^T dO - W^T dVn.
+    """
     vb = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
-    v0 = vb * st.BV
-    hp = _head_params(st, alog_ref, dtb_ref, h)
-    smask = _state_mask(st, v0)
+    BV = st.BVw
+    v0 = vb * BV
     cd = st.cdt
-    dS0 = _load(dst_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+    smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
+    dS0 = _load(dst_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0).astype(f32)
 
     def body(i, dS):
         n = st.N - 1 - i
-        _store(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], dS.astype(dh_ref.dtype), mask=smask)
-        q, k, beta, ch, tm = _chunk_inputs(st, (q_ref, k_ref, g_ref, beta_ref, cnt_ref, tm_ref), b, h, n, hp)
-        do = _load_rows(do_ref, b, h, n * C, C, v0, st.BV, st.T, st.V)
-        W = _mm(tm, (beta * ch.gq)[:, None] * k, cd)
+        t0 = n * C
+        q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+        k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
+        W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
+        do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
+        _store(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], dS.astype(dh_ref.dtype), mask=smask)
         P = st.scale * _mm(q, k, cd, tb=True) * ch.D
         dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
+        _store_tile(dvn_ref, dVn, b, h, t0, C, v0, BV, st.V)
         return ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
 
     dS = jax.lax.fori_loop(0, st.N, body, dS0)
-    _store(ds0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, st.BV)], dS, mask=smask)
+    _store(ds0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], dS, mask=smask)
 
 
-def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, tm_ref, do_ref,
-                      h_ref, dh_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, st: _Static):
+def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm_ref, do_ref,
+                      h_ref, dh_ref, vn_ref, dvn_ref, dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, st: _Static):
+    """Parallel over chunks: every input gradient of one chunk, reductions over V in registers."""
     n = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
@@ -366,40 +425,39 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     qraw = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K).astype(f32)
     kraw = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K).astype(f32)
     q, k = _qk(st, qraw), _qk(st, kraw)
-    g, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
-    ch = _Chunk(st, g, _load_cnt(st, cnt_ref, b, t0, C))
+    _, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
+    gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+    ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
     tm = _load(tm_ref.at[b, h, n]).astype(f32)
     kw = (beta * ch.gq)[:, None] * k  # the right-hand side that makes W
-    W = _mm(tm, kw, cd)
-    qk = _mm(q, k, cd, tb=True)
-    P = st.scale * qk * ch.D
+    BV = st.BVp
 
     def vblock(vb, acc):
         dP, dqS, dkE, dW, dTm, dbeta, ddecay = acc
-        v0 = vb * st.BV
-        smask = _state_mask(st, v0)
-        v = _load_rows(v_ref, b, h, t0, C, v0, st.BV, st.T, st.V).astype(f32)
-        do = _load_rows(do_ref, b, h, t0, C, v0, st.BV, st.T, st.V).astype(f32)
-        S = _load(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
-        dS = _load(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, st.BV)], mask=smask, other=0).astype(f32)
+        v0 = vb * BV
+        smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
+        v = _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V).astype(f32)
+        do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
+        S = _load(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0)
+        dS = _load(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0)
+        Vn = _load_tile(vn_ref, b, h, t0, C, v0, BV, st.V)
+        dVn = _load_tile(dvn_ref, b, h, t0, C, v0, BV, st.V)
         bv = beta[:, None] * v
-        Vn = _mm(tm, bv, cd) - _mm(W, S, cd)
-        dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
         dP = dP + _mm(do, Vn, cd, tb=True)
         dqS = dqS + _mm(do, S, cd, tb=True)
         dkE = dkE + _mm(Vn, dS, cd, tb=True)
         dW = dW - _mm(dVn, S, cd, tb=True)
         dTm = dTm + _mm(dVn, bv, cd, tb=True)
         dbv = _mm(tm, dVn, cd, ta=True)  # d(beta V) = Tm^T dU, dU = dVn
-        _store_rows(dv_ref, beta[:, None] * dbv, b, h, t0, C, v0, st.BV, st.T, st.V)
+        _store_rows(dv_ref, beta[:, None] * dbv, b, h, t0, C, v0, BV, st.T, st.V)
         dbeta = dbeta + jnp.sum(dbv * v, axis=1)
-        ddecay = ddecay + jnp.sum(S * dS)
+        ddecay = ddecay + jnp.sum(S.astype(f32) * dS.astype(f32))
         return dP, dqS, dkE, dW, dTm, dbeta, ddecay
 
     zk = jnp.zeros((C, st.KP), f32)
     zc = jnp.zeros((C, C), f32)
     acc0 = (zc, zk, zk, zk, zc, jnp.zeros((C,), f32), jnp.zeros((), f32))
-    dP, dqS, dkE, dW, dTm, dbeta, ddecay = jax.lax.fori_loop(0, st.NV, vblock, acc0)
+    dP, dqS, dkE, dW, dTm, dbeta, ddecay = jax.lax.fori_loop(0, st.NVp, vblock, acc0)
 
     # W = Tm diag(beta gq) K
     dTm = dTm + _mm(dW, kw, cd, tb=True)
@@ -416,6 +474,7 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     dk = dk + _mm(dkk, k, cd) + _mm(dkk, k, cd, ta=True)
     dbeta = dbeta + jnp.sum(dA * kk * ch.D, axis=1)
     # P = scale (Q K^T) * D (diagonal kept)
+    qk = _mm(q, k, cd, tb=True)
     dqk = st.scale * dP * ch.D
     dq = _mm(dqk, k, cd)
     dk = dk + _mm(dqk, q, cd, ta=True)
@@ -441,8 +500,6 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
 
 
 def _l2norm_bwd(x, xn, dxn):
-    from kernels.gated_delta_rule.gates import L2NORM_EPS
-
     r = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
     return r * (dxn - xn * jnp.sum(xn * dxn, axis=1, keepdims=True))
 
@@ -453,6 +510,10 @@ def _l2norm_bwd(x, xn, dxn):
 def _params(st, num_warps, num_stages):
     if st.interpret:
         return None
+    if st.cd == "float32":
+        # fp32 operand tiles are twice the bytes: pipelined copies of [64, 128] fp32 q/k tiles
+        # overflowed the 227 KB of shared memory on H200 (seen 2026-11-26), so no load pipelining.
+        num_stages = 1
     return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -467,47 +528,70 @@ def _call(kernel, st, grid, out_shape, name, num_warps, num_stages):
     )
 
 
-def _wy_inverse(st, k, g, beta, cnt, alog, dtb):
-    out = jax.ShapeDtypeStruct((st.B, st.H, st.N, C, C), st.cdt)
-    cfg = st.config
-    return _call(_wy_inverse_kernel, st, (st.N, st.B * st.H), out, "gdn_wy_inverse", cfg.num_warps_inverse, 1)(
-        k, g, beta, cnt, alog, dtb
-    )
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _forward(st, q, k, v, g, beta, cnt, alog, dtb, s0, tm, save_h):
-    outs = [
-        jax.ShapeDtypeStruct((st.B, st.T, st.H, st.V), v.dtype),
-        jax.ShapeDtypeStruct((st.B, st.H, st.K, st.V), f32),
-    ]
-    if save_h:
-        outs.append(jax.ShapeDtypeStruct((st.B, st.H, st.N, st.K, st.V), st.cdt))
-    cfg = st.config
-    return _call(_fwd_kernel, st, (st.NV, st.B * st.H), tuple(outs), "gdn_fwd", cfg.num_warps_walk,
-                 cfg.num_stages_walk)(q, k, v, g, beta, cnt, alog, dtb, s0, tm)
-
-
-def _backward_state(st, q, k, g, beta, cnt, alog, dtb, tm, do, dsT):
+def _prep(st, k, v, g, beta, cnt, alog, dtb):
+    Tp = st.N * C
     outs = (
-        jax.ShapeDtypeStruct((st.B, st.H, st.N, st.K, st.V), st.cdt),
-        jax.ShapeDtypeStruct((st.B, st.H, st.K, st.V), f32),
+        _sds((st.B, st.H, Tp), f32),  # gamma
+        _sds((st.B, st.H, st.N, C, C), st.cdt),  # Tm
+        _sds((st.B, st.H, Tp, st.K), st.cdt),  # W
+        _sds((st.B, st.H, Tp, st.V), st.cdt),  # U
     )
     cfg = st.config
-    return _call(_bwd_state_kernel, st, (st.NV, st.B * st.H), outs, "gdn_bwd_state", cfg.num_warps_walk,
-                 cfg.num_stages_walk)(q, k, g, beta, cnt, alog, dtb, tm, do, dsT)
+    return _call(_prep_kernel, st, (st.N, st.B * st.H), outs, "gdn_prep", cfg.num_warps_prep, 1)(
+        k, v, g, beta, cnt, alog, dtb)
 
 
-def _backward_grads(st, q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh):
+def _walk(st, k, gam, cnt, w, u, s0):
     outs = (
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(k.shape, k.dtype),
-        jax.ShapeDtypeStruct(v.shape, v.dtype),
-        jax.ShapeDtypeStruct((st.B, st.T, st.H), f32),
-        jax.ShapeDtypeStruct((st.B, st.T, st.H), f32),
+        _sds((st.B, st.H, st.N, st.K, st.V), st.cdt),  # h: chunk-entry states
+        _sds((st.B, st.H, st.N * C, st.V), st.cdt),  # Vn
+        _sds((st.B, st.H, st.K, st.V), f32),  # final state
+    )
+    cfg = st.config
+    return _call(_walk_kernel, st, (st.NVw, st.B * st.H), outs, "gdn_fwd_walk", cfg.num_warps_walk,
+                 cfg.num_stages_walk)(k, gam, cnt, w, u, s0)
+
+
+def _out(st, q, k, gam, cnt, hs, vn, o_dtype):
+    out = _sds((st.B, st.T, st.H, st.V), o_dtype)
+    cfg = st.config
+    return _call(_out_kernel, st, (st.NVp, st.N, st.B * st.H), out, "gdn_fwd_out", cfg.num_warps_out,
+                 cfg.num_stages_out)(q, k, gam, cnt, hs, vn)
+
+
+def _bwd_walk(st, q, k, gam, cnt, w, do, dsT):
+    outs = (
+        _sds((st.B, st.H, st.N, st.K, st.V), st.cdt),  # dh
+        _sds((st.B, st.H, st.N * C, st.V), st.cdt),  # dVn
+        _sds((st.B, st.H, st.K, st.V), f32),  # d initial_state
+    )
+    cfg = st.config
+    return _call(_bwd_walk_kernel, st, (st.NVw, st.B * st.H), outs, "gdn_bwd_walk", cfg.num_warps_walk,
+                 cfg.num_stages_walk)(q, k, gam, cnt, w, do, dsT)
+
+
+def _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn):
+    outs = (
+        _sds(q.shape, q.dtype),
+        _sds(k.shape, k.dtype),
+        _sds(v.shape, v.dtype),
+        _sds((st.B, st.T, st.H), f32),
+        _sds((st.B, st.T, st.H), f32),
     )
     cfg = st.config
     return _call(_bwd_grads_kernel, st, (st.N, st.B * st.H), outs, "gdn_bwd_grads", cfg.num_warps_grad,
-                 cfg.num_stages_grad)(q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh)
+                 cfg.num_stages_grad)(q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn)
+
+
+def _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt):
+    gam, tm, w, u = _prep(st, k, v, g, beta, cnt, alog, dtb)
+    hs, vn, sT = _walk(st, k, gam, cnt, w, u, s0)
+    o = _out(st, q, k, gam, cnt, hs, vn, v.dtype)
+    return o, sT, (gam, tm, w, hs, vn)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -515,23 +599,21 @@ def _backward_grads(st, q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gdr(st, q, k, v, g, beta, s0, alog, dtb, cnt):
-    tm = _wy_inverse(st, k, g, beta, cnt, alog, dtb)
-    o, sT = _forward(st, q, k, v, g, beta, cnt, alog, dtb, s0, tm, save_h=False)
+    o, sT, _ = _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt)
     return o, sT
 
 
 def _gdr_fwd(st, q, k, v, g, beta, s0, alog, dtb, cnt):
-    tm = _wy_inverse(st, k, g, beta, cnt, alog, dtb)
-    o, sT, hs = _forward(st, q, k, v, g, beta, cnt, alog, dtb, s0, tm, save_h=True)
-    return (o, sT), (q, k, v, g, beta, alog, dtb, cnt, tm, hs)
+    o, sT, inter = _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt)
+    return (o, sT), (q, k, v, g, beta, alog, dtb, cnt) + inter
 
 
 def _gdr_bwd(st, res, cts):
-    q, k, v, g, beta, alog, dtb, cnt, tm, hs = res
+    q, k, v, g, beta, alog, dtb, cnt, gam, tm, w, hs, vn = res
     do, dsT = cts
     do = do.astype(v.dtype)
-    dh, ds0 = _backward_state(st, q, k, g, beta, cnt, alog, dtb, tm, do, dsT.astype(f32))
-    dq, dk, dv, dg_eff, dbeta_eff = _backward_grads(st, q, k, v, g, beta, cnt, alog, dtb, tm, do, hs, dh)
+    dh, dvn, ds0 = _bwd_walk(st, q, k, gam, cnt, w, do, dsT.astype(f32))
+    dq, dk, dv, dg_eff, dbeta_eff = _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn)
     # Chain rule from the effective (g, beta) to the raw inputs: the same helpers the kernels ran.
     if st.tr.gate:
         _, pull = jax.vjp(lambda a, al, db: decay_gate(a, al, db), g, alog, dtb)
@@ -612,9 +694,11 @@ def pallas_gated_delta_rule(
         interpret = jax.default_backend() == "cpu"
     N = max(1, -(-T // C))
     KP = max(SUB, _next_pow2(K))
-    BV = min(config.block_v, max(SUB, _next_pow2(V)))
+    BVw = min(config.block_v_walk, max(SUB, _next_pow2(V)))
+    BVp = min(config.block_v, max(SUB, _next_pow2(V)))
     st = _Static(
-        B=B, T=T, H=H, K=K, V=V, KP=KP, BV=BV, NV=-(-V // BV), N=N, scale=float(scale),
+        B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=BVw, NVw=-(-V // BVw), BVp=BVp, NVp=-(-V // BVp), N=N,
+        scale=float(scale),
         cd=_compute_dtype(q, k, v), tr=transforms, has_seg=segment_ids is not None,
         interpret=bool(interpret), config=config,
     )
