@@ -145,6 +145,12 @@ def _mm(a, b, cd, *, ta=False, tb=False):
     return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
 
 
+def _dyn(c0, b):
+    """A column start the indexer cannot see as a static int (b: any traced int in scope):
+    slices may run past K / V (the masks cover that), and jax bounds-checks static starts only."""
+    return b * 0 + c0 if isinstance(c0, int) else c0
+
+
 def _tok_mask(t0, n, T):
     return (t0 + jnp.arange(n)) < T
 
@@ -152,12 +158,12 @@ def _tok_mask(t0, n, T):
 def _load_rows(ref, b, h, t0, n, c0, w, T, width):
     """[B, T, H, width] -> tile [n, w] at tokens t0.., columns c0.. (masked, zeros outside)."""
     m = _tok_mask(t0, n, T)[:, None] & ((c0 + jnp.arange(w)) < width)[None, :]
-    return _load(ref.at[b, pl.ds(t0, n), h, pl.ds(c0, w)], mask=m, other=0)
+    return _load(ref.at[b, pl.ds(t0, n), h, pl.ds(_dyn(c0, b), w)], mask=m, other=0)
 
 
 def _store_rows(ref, val, b, h, t0, n, c0, w, T, width):
     m = _tok_mask(t0, n, T)[:, None] & ((c0 + jnp.arange(w)) < width)[None, :]
-    _store(ref.at[b, pl.ds(t0, n), h, pl.ds(c0, w)], val.astype(ref.dtype), mask=m)
+    _store(ref.at[b, pl.ds(t0, n), h, pl.ds(_dyn(c0, b), w)], val.astype(ref.dtype), mask=m)
 
 
 def _load_vec(ref, b, h, t0, n, T):
@@ -235,12 +241,12 @@ def _load_cnt(st, cnt_ref, b, t0, n):
 def _load_tile(ref, b, h, r0, n, c0, w, width):
     """Head-major padded intermediate [B, H, Tp, width] -> tile [n, w] (columns >= width read as 0)."""
     m = ((c0 + jnp.arange(w)) < width)[None, :] & (jnp.arange(n) >= 0)[:, None]
-    return _load(ref.at[b, h, pl.ds(r0, n), pl.ds(c0, w)], mask=m, other=0)
+    return _load(ref.at[b, h, pl.ds(r0, n), pl.ds(_dyn(c0, b), w)], mask=m, other=0)
 
 
 def _store_tile(ref, val, b, h, r0, n, c0, w, width):
     m = ((c0 + jnp.arange(w)) < width)[None, :] & (jnp.arange(n) >= 0)[:, None]
-    _store(ref.at[b, h, pl.ds(r0, n), pl.ds(c0, w)], val.astype(ref.dtype), mask=m)
+    _store(ref.at[b, h, pl.ds(r0, n), pl.ds(_dyn(c0, b), w)], val.astype(ref.dtype), mask=m)
 
 
 def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
@@ -339,7 +345,7 @@ def _walk_kernel(k_ref, gam_ref, cnt_ref, w_ref, u_ref, s0_ref, h_ref, vn_ref, s
     v0 = vb * BV
     cd = st.cdt
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
-    S0 = _load(s0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0).astype(f32)
+    S0 = _load(s0_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0).astype(f32)
 
     def body(n, S):
         t0 = n * C
@@ -349,12 +355,12 @@ def _walk_kernel(k_ref, gam_ref, cnt_ref, w_ref, u_ref, s0_ref, h_ref, vn_ref, s
         W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
         U = _load_tile(u_ref, b, h, t0, C, v0, BV, st.V).astype(f32)
         Vn = U - _mm(W, S, cd)
-        _store(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], S.astype(h_ref.dtype), mask=smask)
+        _store(h_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], S.astype(h_ref.dtype), mask=smask)
         _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
         return ch.decay * S + _mm(ch.to_end[:, None] * k, Vn, cd, ta=True)
 
     S = jax.lax.fori_loop(0, st.N, body, S0)
-    _store(st_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], S, mask=smask)
+    _store(st_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], S, mask=smask)
 
 
 def _out_kernel(q_ref, k_ref, gam_ref, cnt_ref, h_ref, vn_ref, o_ref, *, st: _Static):
@@ -372,7 +378,7 @@ def _out_kernel(q_ref, k_ref, gam_ref, cnt_ref, h_ref, vn_ref, o_ref, *, st: _St
     gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
     ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
-    S = _load(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0)
+    S = _load(h_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0)
     Vn = _load_tile(vn_ref, b, h, t0, C, v0, BV, st.V)
     P = _mm(q, k, cd, tb=True) * ch.D
     o = st.scale * (_mm(ch.gq[:, None] * q, S, cd) + _mm(P, Vn, cd))
@@ -392,7 +398,7 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     v0 = vb * BV
     cd = st.cdt
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
-    dS0 = _load(dst_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0).astype(f32)
+    dS0 = _load(dst_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0).astype(f32)
 
     def body(i, dS):
         n = st.N - 1 - i
@@ -403,14 +409,14 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
         ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
         W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
         do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
-        _store(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], dS.astype(dh_ref.dtype), mask=smask)
+        _store(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS.astype(dh_ref.dtype), mask=smask)
         P = st.scale * _mm(q, k, cd, tb=True) * ch.D
         dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
         _store_tile(dvn_ref, dVn, b, h, t0, C, v0, BV, st.V)
         return ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
 
     dS = jax.lax.fori_loop(0, st.N, body, dS0)
-    _store(ds0_ref.at[b, h, pl.ds(0, st.KP), pl.ds(v0, BV)], dS, mask=smask)
+    _store(ds0_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS, mask=smask)
 
 
 def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm_ref, do_ref,
@@ -438,8 +444,8 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
         smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
         v = _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V).astype(f32)
         do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
-        S = _load(h_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0)
-        dS = _load(dh_ref.at[b, h, n, pl.ds(0, st.KP), pl.ds(v0, BV)], mask=smask, other=0)
+        S = _load(h_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0)
+        dS = _load(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0)
         Vn = _load_tile(vn_ref, b, h, t0, C, v0, BV, st.V)
         dVn = _load_tile(dvn_ref, b, h, t0, C, v0, BV, st.V)
         bv = beta[:, None] * v
