@@ -296,8 +296,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None, do_
       cache_dtype: K/V and conv-window dtype (default the model's compute dtype; the GDN state is fp32).
       prefill_batch_size: prefill this many rows per call (must divide B; bounds prefill memory).
       stream: called with each new block of tokens [B, n] (n <= stream_interval) as it is decoded.
-      return_cache: also return the final cache (holds every token but the last generated one's
-        successor state; continue it with ``extend``).
+      return_cache: also return the final cache, which holds the prompt and every generated token
+        (continue it with ``extend``; it has ``max_len - P - n`` free slots).
 
     Returns:
       int32 numpy array [B, P + n]: the (padded) prompts followed by the n generated tokens, where n is

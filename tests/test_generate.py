@@ -131,6 +131,16 @@ def test_multi_token_continuation_equals_full_forward(pair):
     assert rel_l2(got, ref[:, 6:]) < 1e-4, name
 
 
+def test_generate_returns_a_cache_that_extend_continues(tiny):
+    ids = np.random.default_rng(9).integers(2, 256, (2, 5))
+    out, cache = generate(tiny, ids, 4, eos_token_id=(), max_len=12, return_cache=True)
+    assert int(cache.length) == 9 and cache.max_len == 12
+    nxt = np.array([[7], [8]])
+    logits, cache = extend(tiny, cache, nxt)
+    ref = _full_logits(tiny, np.concatenate([out, nxt], 1), None)[:, -1:]
+    assert rel_l2(np.asarray(logits), ref) < 1e-4
+
+
 def test_prefill_in_row_groups_equals_whole_batch():
     cfg = OlmoHybridConfig.preset("tiny")
     m = OlmoHybridForCausalLM(cfg, rngs=nnx.Rngs(1), attention_impl="xla", gdn_backend="chunked")
