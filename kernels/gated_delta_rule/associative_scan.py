@@ -136,6 +136,9 @@ def context_parallel_gated_delta_rule(
     gate / beta transforms); T must divide by the axis size. Other mesh axes
     are not used (inputs are replicated over them). Returns (o in v.dtype
     sharded along T, final state fp32 replicated or None). Differentiable.
+
+    Meshes with Auto axes work under plain jit; with Explicit axes, call it under
+    ``jax.set_mesh(mesh)`` (the inputs are resharded along T with ``jax.reshard``).
     """
     P = jax.sharding.PartitionSpec
     n_dev = mesh.shape[axis_name]
@@ -172,6 +175,10 @@ def context_parallel_gated_delta_rule(
         return _outputs(pieces, S_in, T_loc).astype(out_dtype), S_final
 
     seq = P(None, axis_name)
+    if any("Explicit" in str(t) for t in getattr(mesh, "axis_types", ())):
+        reshard = jax.sharding.reshard
+        q, k, v, g, beta, starts = (reshard(x, seq) for x in (q, k, v, g, beta, starts))
+        S0 = reshard(S0, P())
     fn = _shard_map(
         local,
         mesh=mesh,
