@@ -114,10 +114,10 @@ def compute_dtype(model) -> jnp.dtype:
     return jnp.dtype(emb.dtype if emb.dtype is not None else emb.embedding[...].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_to_keep", "rows", "max_len", "cache_dtype"),
-                   donate_argnames=("cache",))
 # graphdef travels as an ordinary (leafless, static-registered) argument: jit compares it by equality;
 # as a static_argname it would need a hash, which a config holding a rope dict does not have.
+@functools.partial(jax.jit, static_argnames=("logits_to_keep", "rows", "max_len", "cache_dtype"),
+                   donate_argnames=("cache",))
 def _prefill_rows(graphdef, state, ids, mask, cache, start, *, logits_to_keep, rows, max_len, cache_dtype):
     """Prefill ``ids`` (``rows`` rows) into a fresh cache and write it at rows ``start:`` of ``cache``.
 
