@@ -336,7 +336,9 @@ def _walk_kernel(k_ref, gam_ref, cnt_ref, w_ref, u_ref, s0_ref, h_ref, vn_ref, s
     """Sequential over chunks; the fp32 state [KP, BVw] stays in registers.
 
     Per chunk: h[n] = S; Vn = U - W S; S = d S + (diag(e) K)^T Vn. Only the two dots on S are
-    on the sequential path; W, U, K, gamma are loads that the pipeliner fetches ahead.
+    on the sequential path. The loads of chunk n + 1 (k, gamma, W, U) are issued at the top of
+    step n and carried in registers (manual software pipelining: Triton's pipeliner only
+    prefetches loads that feed a dot directly), so their latency hides behind step n's dots.
     """
     vb = pl.program_id(0)
     bh = pl.program_id(1)
@@ -347,19 +349,28 @@ def _walk_kernel(k_ref, gam_ref, cnt_ref, w_ref, u_ref, s0_ref, h_ref, vn_ref, s
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
     S0 = _load(s0_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0).astype(f32)
 
-    def body(n, S):
-        t0 = n * C
-        k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
-        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=False)
-        W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
-        U = _load_tile(u_ref, b, h, t0, C, v0, BV, st.V).astype(f32)
-        Vn = U - _mm(W, S, cd)
-        _store(h_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], S.astype(h_ref.dtype), mask=smask)
-        _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
-        return ch.decay * S + _mm(ch.to_end[:, None] * k, Vn, cd, ta=True)
+    def load(n):
+        t0 = _dyn(n, b) * C  # never a static start: the last chunk may run past T
+        return (
+            _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K),
+            _load(gam_ref.at[b, h, pl.ds(t0, C)]),
+            _load_cnt(st, cnt_ref, b, t0, C) if st.has_seg else jnp.zeros((C,), jnp.int32),
+            _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K),
+            _load_tile(u_ref, b, h, t0, C, v0, BV, st.V),
+        )
 
-    S = jax.lax.fori_loop(0, st.N, body, S0)
+    def body(n, carry):
+        S, cur = carry
+        nxt = load(jnp.minimum(n + 1, st.N - 1))
+        kraw, gamma, cnt, W, U = cur
+        k = _qk(st, kraw)
+        ch = _Chunk(st, None, cnt if st.has_seg else None, gamma=gamma, need_d=False)
+        Vn = U.astype(f32) - _mm(W, S, cd)
+        _store(h_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], S.astype(h_ref.dtype), mask=smask)
+        _store_tile(vn_ref, Vn, b, h, n * C, C, v0, BV, st.V)
+        return ch.decay * S + _mm(ch.to_end[:, None] * k, Vn, cd, ta=True), nxt
+
+    S, _ = jax.lax.fori_loop(0, st.N, body, (S0, load(0)))
     _store(st_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], S, mask=smask)
 
 
@@ -390,6 +401,7 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     """Reverse walk with dS (fp32) in registers; stores dh[n] = dS' and dVn per chunk.
 
     dVn = scale (Q K^T * D)^T dO + diag(e) K dS';  dS = d dS' + scale (diag(gq) Q)^T dO - W^T dVn.
+    The next (earlier) chunk's q, k, gamma, W, dO are loaded one step ahead (as in the forward walk).
     """
     vb = pl.program_id(0)
     bh = pl.program_id(1)
@@ -400,22 +412,34 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
     dS0 = _load(dst_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0).astype(f32)
 
-    def body(i, dS):
+    def load(n):
+        t0 = _dyn(n, b) * C  # never a static start: the last chunk may run past T
+        return (
+            _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K),
+            _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K),
+            _load(gam_ref.at[b, h, pl.ds(t0, C)]),
+            _load_cnt(st, cnt_ref, b, t0, C) if st.has_seg else jnp.zeros((C,), jnp.int32),
+            _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K),
+            _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V),
+        )
+
+    def body(i, carry):
+        dS, cur = carry
         n = st.N - 1 - i
+        nxt = load(jnp.maximum(n - 1, 0))
+        qraw, kraw, gamma, cnt, W, do = cur
+        q, k = _qk(st, qraw), _qk(st, kraw)
+        ch = _Chunk(st, None, cnt if st.has_seg else None, gamma=gamma)
         t0 = n * C
-        q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-        k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
-        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
-        W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
-        do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
-        _store(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS.astype(dh_ref.dtype), mask=smask)
+        _store(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS.astype(dh_ref.dtype),
+               mask=smask)
         P = st.scale * _mm(q, k, cd, tb=True) * ch.D
         dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
         _store_tile(dvn_ref, dVn, b, h, t0, C, v0, BV, st.V)
-        return ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
+        dS = ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
+        return dS, nxt
 
-    dS = jax.lax.fori_loop(0, st.N, body, dS0)
+    dS, _ = jax.lax.fori_loop(0, st.N, body, (dS0, load(st.N - 1)))
     _store(ds0_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS, mask=smask)
 
 
@@ -428,14 +452,14 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     hp = _head_params(st, alog_ref, dtb_ref, h)
     cd = st.cdt
     t0 = n * C
-    qraw = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K).astype(f32)
-    kraw = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K).astype(f32)
-    q, k = _qk(st, qraw), _qk(st, kraw)
+    qraw = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
+    kraw = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
+    q, k = _qk(st, qraw), _qk(st, kraw)  # fp32 only when normalised here; dots cast to cd anyway
     _, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
     gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
     ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
-    tm = _load(tm_ref.at[b, h, n]).astype(f32)
-    kw = (beta * ch.gq)[:, None] * k  # the right-hand side that makes W
+    tm = _load(tm_ref.at[b, h, n])  # cd: only ever a dot operand
+    kw = ((beta * ch.gq)[:, None] * k).astype(cd)  # the right-hand side that makes W
     BV = st.BVp
 
     def vblock(vb, acc):
@@ -462,8 +486,13 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
 
     zk = jnp.zeros((C, st.KP), f32)
     zc = jnp.zeros((C, C), f32)
-    acc0 = (zc, zk, zk, zk, zc, jnp.zeros((C,), f32), jnp.zeros((), f32))
-    dP, dqS, dkE, dW, dTm, dbeta, ddecay = jax.lax.fori_loop(0, st.NVp, vblock, acc0)
+    acc = (zc, zk, zk, zk, zc, jnp.zeros((C,), f32), jnp.zeros((), f32))
+    if st.NVp <= 4:  # unrolled: lets the compiler issue the next block's loads early
+        for vb in range(st.NVp):
+            acc = vblock(vb, acc)
+    else:
+        acc = jax.lax.fori_loop(0, st.NVp, vblock, acc)
+    dP, dqS, dkE, dW, dTm, dbeta, ddecay = acc
 
     # W = Tm diag(beta gq) K
     dTm = dTm + _mm(dW, kw, cd, tb=True)
@@ -497,8 +526,8 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     dgam = dgam + jnp.where(jnp.arange(C) == C - 1, dlast, 0.0)
     dg = jnp.sum(dgam) - jnp.cumsum(dgam) + dgam  # gamma_i = sum_{s<=i} g_s
     if st.tr.qk_l2norm:  # x_n = x r, r = rsqrt(|x|^2 + eps):  dx = r (dx_n - x_n <x_n, dx_n>)
-        dq = _l2norm_bwd(qraw, q, dq)
-        dk = _l2norm_bwd(kraw, k, dk)
+        dq = _l2norm_bwd(qraw.astype(f32), q, dq)
+        dk = _l2norm_bwd(kraw.astype(f32), k, dk)
     _store_rows(dq_ref, dq, b, h, t0, C, 0, st.KP, st.T, st.K)
     _store_rows(dk_ref, dk, b, h, t0, C, 0, st.KP, st.T, st.K)
     _store_vec(dg_ref, dg, b, h, t0, C, st.T)
