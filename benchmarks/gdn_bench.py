@@ -201,6 +201,9 @@ def check_vs_fla(log):
     log(f"check fwd {shp} bf16 pallas vs FLA fwd: rel-fro {ef[0]:.2e} max {ef[1]:.2e}")
 
 
+BREAKDOWN_SET = ("default",)
+
+
 def run_ours(json_path, out_dir, skip_checks=False, backends=("pallas", "chunked", "associative_scan")):
     import jax
     import jax.numpy as jnp
@@ -258,7 +261,7 @@ def run_ours(json_path, out_dir, skip_checks=False, backends=("pallas", "chunked
             log(f"{be:>16} {shp}: fwd {row.get('fwd')} ms, fwd+bwd {row.get('fwd_bwd')} ms")
         if shp in SHAPES[:2]:
             try:
-                breakdown(args, log)
+                breakdown(args, log, configs=BREAKDOWN_SET)
             except Exception:
                 log("breakdown failed:\n" + traceback.format_exc())
         del args
@@ -302,17 +305,31 @@ def run_ours(json_path, out_dir, skip_checks=False, backends=("pallas", "chunked
                       indent=1)
 
 
-def breakdown(args, log):
+BREAKDOWN_CONFIGS = {
+    "default": {},
+    "wide": dict(block_v_walk=64, num_warps_prep=4, num_warps_grad=4, num_warps_out=8),
+    "narrow": dict(block_v_walk=32, num_warps_walk=2, num_stages_walk=3, num_warps_prep=1, num_warps_grad=4,
+                   block_v=32),
+}
+
+
+def breakdown(args, log, configs=("default",)):
+    for name in configs:
+        _breakdown(args, log, name)
+
+
+def _breakdown(args, log, cfg_name):
     """Times of each Pallas kernel alone, with the bytes it must move (to place the time)."""
     import jax
     import jax.numpy as jnp
 
     from kernels.gated_delta_rule import pallas_gpu as pg
+    from kernels.gated_delta_rule.config import PallasConfig
 
     q, k, v, g, beta = args
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = pg.DEFAULT_PALLAS_CONFIG
+    cfg = PallasConfig(**BREAKDOWN_CONFIGS[cfg_name])
     KP = max(16, pg._next_pow2(K))
     st = pg._Static(B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=cfg.block_v_walk, NVw=-(-V // cfg.block_v_walk),
                     BVp=cfg.block_v, NVp=-(-V // cfg.block_v), N=-(-T // 64), scale=K ** -0.5, cd="bfloat16",
@@ -341,7 +358,7 @@ def breakdown(args, log):
     ]
     for name, f, nbytes in items:
         ms = _timeit(f, iters=20, warmup=2)
-        log(f"  kernel {name:>14} {tuple(q.shape[:3])}: {ms:.3f} ms, >= {nbytes / 1e6:.0f} MB -> "
+        log(f"  [{cfg_name}] kernel {name:>14} {tuple(q.shape[:3])}: {ms:.3f} ms, >= {nbytes / 1e6:.0f} MB -> "
             f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s")
 
 
@@ -353,11 +370,21 @@ if __name__ == "__main__":
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--checks-only", action="store_true", help="only the correctness checks (exit 1 on failure)")
     ap.add_argument("--backends", default="pallas,chunked,associative_scan")
+    ap.add_argument("--breakdown", default="default", help="comma list of BREAKDOWN_CONFIGS to time kernel by kernel")
+    ap.add_argument("--ncu-kernels", action="store_true", help="run each pallas kernel once at the first shape (for ncu)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of this script at small shapes")
     a = ap.parse_args()
     if a.tiny:
         SHAPES[:] = [(1, 130, 2, 96, 192), (2, 70, 2, 12, 20)]
-    if a.fla:
+    BREAKDOWN_SET = tuple(a.breakdown.split(","))
+    if a.ncu_kernels:
+        sys.path.insert(0, ROOT)
+        import jax.numpy as jnp
+
+        _args = [jnp.asarray(x, jnp.bfloat16) for x in gdn_inputs(*SHAPES[0])[:3]] + \
+            [jnp.asarray(x) for x in gdn_inputs(*SHAPES[0])[3:]]
+        _breakdown(_args, print, "default")
+    elif a.fla:
         run_fla(a.json)
     elif a.checks_only:
         sys.path.insert(0, ROOT)
