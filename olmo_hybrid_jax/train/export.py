@@ -1,0 +1,77 @@
+"""A trained model out of a run directory: as an ``OlmoHybridForCausalLM``, or as an HF checkpoint.
+
+    python -m olmo_hybrid_jax.train.export RUN_DIR HF_DIR [--step N] [--dtype bfloat16]
+
+``load_run_model(run_dir)`` restores the parameters of a training checkpoint (the latest, or ``step``)
+into the list-layout model that ``generate``, ``probe`` and ``convert.save_hf`` take, whatever layout
+(scanned or list) the run trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from olmo_hybrid_jax.model import OlmoHybridForCausalLM
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs) -> OlmoHybridForCausalLM:
+    """Restore the fp32 master weights of ``run_dir``'s checkpoint ``step`` (default: the latest)."""
+    from olmo_hybrid_jax.train.checkpoint import Checkpointer
+    from olmo_hybrid_jax.train.config import load_config
+    from olmo_hybrid_jax.train.stack import stacked_to_list
+    from olmo_hybrid_jax.train.trainer import Trainer, _abstract_with_shardings
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                        async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no finished checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {run_dir / 'checkpoints'}; have {sorted(steps)}")
+        trainer = Trainer(cfg)
+        state, _, _ = ckpt.restore(step, _abstract_with_shardings(trainer))
+    finally:
+        ckpt.close()
+    params = jax.device_get(state["params"])
+    if trainer.scanned:
+        params = stacked_to_list(params, trainer.mcfg)
+    kwargs = {**trainer.kw, **model_kwargs}
+    abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(trainer.mcfg, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, abstract_state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(abstract_state, params)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m olmo_hybrid_jax.train.export", description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("hf_dir")
+    ap.add_argument("--step", type=int, default=None)
+    ap.add_argument("--dtype", default=None, help="dtype of the written tensors (default: fp32 master weights)")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    from olmo_hybrid_jax.convert import save_hf
+
+    try:
+        model = load_run_model(args.run_dir, args.step)
+        out = save_hf(model, args.hf_dir, dtype=args.dtype, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
