@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -439,6 +440,17 @@ def main(argv=None) -> int:
     n = out.shape[1] - len(ids)
     print(f"\n[{n} tokens in {time.perf_counter() - t0:.2f}s incl. compile]", file=sys.stderr)
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``olmo_hybrid_jax.generate`` is both this module (``python -m``, ``prefill``, ``extend``) and,
+    called, the ``generate`` function: ``olmo_hybrid_jax.generate(model, prompt_ids, 32)``."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -132,3 +132,11 @@ def test_greedy_generate_matches_argmax_loop(tiny):
         nxt = np.asarray(tiny(jnp.asarray(seq)))[:, -1].argmax(-1)
         seq = np.concatenate([seq, nxt[:, None].astype(np.int32)], axis=1)
     np.testing.assert_array_equal(out, seq)
+
+
+def test_package_level_generate_is_callable(tiny):
+    import olmo_hybrid_jax
+    from olmo_hybrid_jax.generate import generate
+
+    ids = np.array([[5, 9, 200, 17]], np.int32)
+    np.testing.assert_array_equal(olmo_hybrid_jax.generate(tiny, ids, 3), generate(tiny, ids, 3))
