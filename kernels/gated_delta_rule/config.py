@@ -39,6 +39,7 @@ class PallasConfig:
     block_v: int = 64
     num_warps_prep: int = 2
     num_warps_walk: int = 4
+    num_warps_bwd_walk: int = 4
     num_stages_walk: int = 2
     num_warps_out: int = 4
     num_stages_out: int = 1

@@ -401,7 +401,8 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     """Reverse walk with dS (fp32) in registers; stores dh[n] = dS' and dVn per chunk.
 
     dVn = scale (Q K^T * D)^T dO + diag(e) K dS';  dS = d dS' + scale (diag(gq) Q)^T dO - W^T dVn.
-    The next (earlier) chunk's q, k, gamma, W, dO are loaded one step ahead (as in the forward walk).
+    No manual prefetch here: carrying the next chunk's q, k, W, dO tiles spilled registers
+    (255 registers, 7 GB of local-memory traffic, 2.5x slower on H200, 2026-11-26).
     """
     vb = pl.program_id(0)
     bh = pl.program_id(1)
@@ -412,34 +413,22 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
     dS0 = _load(dst_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0).astype(f32)
 
-    def load(n):
-        t0 = _dyn(n, b) * C  # never a static start: the last chunk may run past T
-        return (
-            _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K),
-            _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K),
-            _load(gam_ref.at[b, h, pl.ds(t0, C)]),
-            _load_cnt(st, cnt_ref, b, t0, C) if st.has_seg else jnp.zeros((C,), jnp.int32),
-            _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K),
-            _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V),
-        )
-
-    def body(i, carry):
-        dS, cur = carry
+    def body(i, dS):
         n = st.N - 1 - i
-        nxt = load(jnp.maximum(n - 1, 0))
-        qraw, kraw, gamma, cnt, W, do = cur
-        q, k = _qk(st, qraw), _qk(st, kraw)
-        ch = _Chunk(st, None, cnt if st.has_seg else None, gamma=gamma)
         t0 = n * C
-        _store(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS.astype(dh_ref.dtype),
-               mask=smask)
+        q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+        k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
+        W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
+        do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
+        _store(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS.astype(dh_ref.dtype), mask=smask)
         P = st.scale * _mm(q, k, cd, tb=True) * ch.D
         dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
         _store_tile(dvn_ref, dVn, b, h, t0, C, v0, BV, st.V)
-        dS = ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
-        return dS, nxt
+        return ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
 
-    dS, _ = jax.lax.fori_loop(0, st.N, body, (dS0, load(st.N - 1)))
+    dS = jax.lax.fori_loop(0, st.N, body, dS0)
     _store(ds0_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS, mask=smask)
 
 
@@ -487,11 +476,8 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     zk = jnp.zeros((C, st.KP), f32)
     zc = jnp.zeros((C, C), f32)
     acc = (zc, zk, zk, zk, zc, jnp.zeros((C,), f32), jnp.zeros((), f32))
-    if st.NVp <= 4:  # unrolled: lets the compiler issue the next block's loads early
-        for vb in range(st.NVp):
-            acc = vblock(vb, acc)
-    else:
-        acc = jax.lax.fori_loop(0, st.NVp, vblock, acc)
+    # A loop, not unrolled: unrolling the three V blocks doubled the time on H200 (register spills).
+    acc = jax.lax.fori_loop(0, st.NVp, vblock, acc)
     dP, dqS, dkE, dW, dTm, dbeta, ddecay = acc
 
     # W = Tm diag(beta gq) K
@@ -605,7 +591,7 @@ def _bwd_walk(st, q, k, gam, cnt, w, do, dsT):
         _sds((st.B, st.H, st.K, st.V), f32),  # d initial_state
     )
     cfg = st.config
-    return _call(_bwd_walk_kernel, st, (st.NVw, st.B * st.H), outs, "gdn_bwd_walk", cfg.num_warps_walk,
+    return _call(_bwd_walk_kernel, st, (st.NVw, st.B * st.H), outs, "gdn_bwd_walk", cfg.num_warps_bwd_walk,
                  cfg.num_stages_walk)(q, k, gam, cnt, w, do, dsT)
 
 
