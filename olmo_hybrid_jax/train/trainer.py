@@ -121,10 +121,10 @@ def state_shardings(abstract_state, mesh, rules):
 class Trainer:
     """Everything a run needs; ``run`` drives it. Usable from tests and benchmarks."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path | None = None):
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, devices=None):
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir is not None else None
-        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
         self.rules = shd.merged_rules(cfg.mesh.rules)
         self.mcfg = model_config(cfg)
         dc = cfg.data
