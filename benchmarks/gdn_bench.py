@@ -221,6 +221,9 @@ def run_ours(json_path, out_dir, skip_checks=False, fp32_check=True, backends=("
     def log(msg):
         print(msg, flush=True)
         lines.append(msg)
+        if out_dir:  # as it goes: a command killed at its time limit keeps what it measured
+            with open(os.path.join(out_dir, "gdn_bench.log"), "a") as fh:
+                fh.write(msg + "\n")
 
     dev = jax.devices()[0]
     log(f"jax {jax.__version__} on {dev.device_kind} ({jax.default_backend()})")
@@ -321,8 +324,6 @@ def run_ours(json_path, out_dir, skip_checks=False, fp32_check=True, backends=("
                 f"(pallas {r['fwd']:.3f}); fwd+bwd {ffb / 1e9:.0f} GFLOP, {bfb / 1e6:.0f} MB -> floor {floor_fb:.3f} ms "
                 f"(pallas {r.get('fwd_bwd') or float('nan'):.3f})")
     if out_dir:
-        with open(os.path.join(out_dir, "gdn_bench.log"), "w") as fh:
-            fh.write("\n".join(lines) + "\n")
         with open(os.path.join(out_dir, "gdn_bench.json"), "w") as fh:
             json.dump({"card": card, "peer": peer, "rows": {f"{s}|{b}": r for (s, b), r in table.items()}}, fh,
                       indent=1)
