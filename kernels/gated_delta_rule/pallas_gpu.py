@@ -15,34 +15,37 @@ inside the chunk, "same_ij" (no start in (j, i]), "sees_i" (no start in
     S'     = d S + (diag(e) K)^T Vn
 
 (Derivation in ``xla_chunked.py``.) The columns of S never mix, so V is cut
-into blocks of ``block_v`` columns that run as independent programs.
+into blocks (``PallasConfig.block_v_walk`` / ``block_v``) that run as independent programs.
 
 Kernels (each a ``pl.pallas_call`` with a ``name``)
 ---------------------------------------------------
-gdn_wy_inverse   grid (N, B*H), parallel. Tm = (I + A)^{-1} per chunk: the four
-                 16x16 diagonal blocks by forward substitution (fp32, CUDA cores),
-                 the six off-diagonal blocks by block forward substitution with
-                 16x16x16 dots (fp32, IEEE). HBM: reads k, g, beta once; writes Tm
-                 (C values per token and head).
-gdn_fwd          grid (V-blocks, B*H), sequential over chunks inside the program:
-                 the fp32 state [K, block_v] lives in registers for the whole walk.
-                 Per chunk: W, U from Tm (recomputed, never stored), Vn, O, S'.
-                 HBM: reads q, k, g, beta, Tm once per V-block (the V-blocks of a
-                 head run side by side, so the re-reads hit L2), v once; writes O
-                 once and, for training, the chunk-entry states h [N, K, V].
-gdn_bwd_state    grid (V-blocks, B*H), reverse walk with dS (fp32) in registers:
-                 dVn = scale (Q K^T * D)^T dO + diag(e) K dS',
-                 dS  = d dS' + scale (diag(gq) Q)^T dO - W^T dVn.
-                 It needs no forward state. HBM: reads q, k, g, beta, Tm, dO;
-                 writes dh (every chunk's dS') and d initial_state.
-gdn_bwd_grads    grid (N, B*H), parallel over chunks: from h, dh and the inputs it
-                 recomputes Vn and dVn per V-block and accumulates every
-                 reduction over V in registers (dP = dO Vn^T, dO S^T, Vn dS'^T,
-                 -dVn S^T, dVn (beta V)^T, <S, dS'>), then runs the backward of
-                 the WY form (dA = -Tm^T dTm Tm^T), of the decay masks and of the
-                 in-chunk cumsum (dg = reverse cumsum of dgamma) in-kernel, and,
-                 when asked, of the in-kernel q/k l2norm. Writes dq, dk, dv, dg,
-                 dbeta once. HBM: reads inputs, dO, Tm, h, dh once.
+gdn_prep       grid (N, B*H), parallel over chunks. gamma (stored fp32 [B, H, N*C]); Tm: the
+               four 16x16 diagonal blocks of (I + A)^{-1} by forward substitution (fp32, CUDA
+               cores, the four blocks advancing together), the six off-diagonal blocks by block
+               forward substitution with 16x16x16 fp32 dots; Tm is stored, read back as one
+               [C, C] tile (after a barrier) and W = Tm diag(beta gq) K, U = Tm diag(beta) V are
+               stored. HBM: reads k, v, g, beta once; writes gamma, Tm, W, U.
+gdn_fwd_walk   grid (V-blocks of block_v_walk, B*H), sequential over chunks inside the program,
+               the fp32 state [KP, block_v_walk] in registers for the whole walk. Per chunk:
+               h[n] = S (stored), Vn = U - W S (stored), S = d S + (diag(e) K)^T Vn: two dots on
+               the sequential path; the next chunk's tiles are loaded one step ahead.
+               HBM: reads k, gamma, W once per V-block and U once; writes h, Vn, final state.
+gdn_fwd_out    grid (V-blocks, N, B*H), parallel: O = scale (diag(gq) Q h[n] + (Q K^T * D) Vn).
+               HBM: reads q, k, gamma once per V-block, h and Vn once; writes O once.
+gdn_bwd_walk   grid (V-blocks, B*H), reverse walk with dS (fp32) in registers, needing no
+               forward state: dVn = scale (Q K^T * D)^T dO + diag(e) K dS' (stored),
+               dS = d dS' + scale (diag(gq) Q)^T dO - W^T dVn; stores dh[n] = dS' and
+               d initial_state. HBM: reads q, k, gamma, W, dO; writes dh, dVn.
+gdn_bwd_grads  grid (N, B*H), parallel over chunks: from h, dh, Vn, dVn it accumulates every
+               reduction over V in registers (dP = dO Vn^T, dO h^T, Vn dh^T, -dVn h^T,
+               dVn (beta V)^T, <h, dh>; dv = beta Tm^T dVn is written per V-block), then runs the
+               backward of the WY form (dA = -Tm^T dTm Tm^T), of the decay masks and of the
+               in-chunk cumsum (dg = reverse cumsum of dgamma) in-kernel, and, when asked, of
+               the in-kernel q/k l2norm. Writes dq, dk, dv, dg, dbeta once. HBM: reads the
+               inputs, dO, gamma, Tm, h, dh, Vn, dVn once.
+
+Forward: prep + walk + output (three launches); the custom_vjp forward keeps gamma, Tm, W, h and
+Vn as residuals (no recomputation in the backward). Backward: backward walk + gradient kernel.
 
 Memory stays linear in T: the backward keeps one state per chunk (h), never
 one per token. The gate / beta transforms (``gates.py``) run on loaded tiles;
@@ -51,16 +54,17 @@ epilogue on dg, dbeta ([B, T, H], ~1% of the bytes).
 
 Shapes: K and V need not be powers of two. K is padded in registers to
 KP = next_pow2(max(K, 16)) by masked loads (the padding reads no HBM bytes);
-V is cut into blocks of block_v (<= next_pow2(V)), the last one masked. Any T:
+V is cut into power-of-two blocks (<= next_pow2(V)), the last one masked. Any T:
 the last chunk is masked (pad tokens load as q = k = v = beta = g = 0, which
 neither write nor decay the state). Segment restarts come in as the per-chunk
 segment index of each token (an int32 [B, N*C] built once outside).
 
 Rounding: the state, every accumulator, gamma, the masks and Tm's computation
 are fp32. Dot operands are the compute dtype cd = bf16/fp16 when q, k, v are
-all 16-bit (tensor cores, fp32 accumulation), else fp32 with IEEE dots. Tm and
-h are stored in cd; O, dq, dk, dv are rounded once, to their input dtypes; dg,
-dbeta, the final state and d initial_state stay fp32.
+all 16-bit (tensor cores, fp32 accumulation), else fp32 with IEEE dots. The
+intermediates Tm, W, U, h, Vn, dh, dVn are stored in cd (so a bf16 call rounds
+them to bf16, as FLA does); gamma stays fp32. O, dq, dk, dv are rounded once, to
+their input dtypes; dg, dbeta, the final state and d initial_state stay fp32.
 """
 
 from __future__ import annotations
@@ -74,17 +78,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-try:  # masked load/store live under pallas.triton in recent jax
-    from jax.experimental.pallas import triton as plt
+from jax.experimental.pallas import triton as plt  # masked load/store, CompilerParams (jax 0.10 and 0.11)
 
-    _load, _store = plt.load, plt.store
-    _CompilerParams = plt.CompilerParams
-except (ImportError, AttributeError):  # pragma: no cover - older layouts
-    from jax.experimental.pallas import gpu as plt  # type: ignore
-
-    _load = lambda ref, mask=None, other=None: pl.load(ref, (), mask=mask, other=other)  # noqa: E731
-    _store = lambda ref, val, mask=None: pl.store(ref, (), val, mask=mask)  # noqa: E731
-    _CompilerParams = plt.TritonCompilerParams
+_load, _store = plt.load, plt.store
+_CompilerParams = plt.CompilerParams
 
 from kernels.gated_delta_rule.common import segment_starts
 from kernels.gated_delta_rule.config import DEFAULT_PALLAS_CONFIG, PallasConfig
