@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.lr=1e-3")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     from olmo_hybrid_jax.train.sharding import maybe_initialize_distributed
 
