@@ -434,3 +434,35 @@ def test_truncate_metrics_keeps_one_row_per_step(tmp_path):
     p.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 31)) + '{"step": 31, "lo')
     assert truncate_metrics(p, 25) == 25
     assert [json.loads(line)["step"] for line in p.read_text().splitlines()] == list(range(1, 26))
+
+
+# ------------------------------------------------------------------------------------------ init_from, plot
+@pytest.mark.parametrize("kind", ["hf", "orbax"])
+def test_init_from_converted_checkpoint(tmp_path, kind):
+    from olmo_hybrid_jax.convert import save_hf, save_orbax
+    from olmo_hybrid_jax.train.trainer import Trainer
+
+    cfg8 = OlmoHybridConfig.preset("tiny").replace(**TINY8)
+    lm = OlmoHybridForCausalLM(cfg8, rngs=nnx.Rngs(7))
+    if kind == "hf":
+        save_hf(lm, tmp_path / "ckpt", progress=False)
+    else:
+        save_orbax(lm, tmp_path / "ckpt")
+    cfg = load_config(CONFIG_DIR / "tiny.yaml", [f"model.init_from={kind}:{tmp_path / 'ckpt'}"])
+    tr = Trainer(cfg)
+    assert tr.scanned and tr.mcfg == cfg8  # the architecture comes from the checkpoint
+    state = tr.init_state()
+    want = list_to_stacked(nnx.to_pure_dict(nnx.state(lm)), cfg8)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state["params"], want)
+    with pytest.raises(ConfigError, match="no config.json"):
+        Trainer(load_config(CONFIG_DIR / "tiny.yaml", [f"model.init_from=hf:{tmp_path / 'nothing'}"]))
+
+
+def test_plot_loss_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    from olmo_hybrid_jax.train.plot import main
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 20)))
+    assert main([str(tmp_path), "--out", str(tmp_path / "loss.png")]) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path / "nope")]) == 2
