@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from kernels import gated_delta_rule
+from kernels import decay_gate, gated_delta_rule, gated_delta_rule_step, l2_normalize, write_strength
 from olmo_hybrid_jax.cache import GDNCache, KVCache
 
 Array = jax.Array
@@ -304,23 +304,14 @@ class Attention(nnx.Module):
         return self.o_proj(o.reshape(B, T, -1)), new
 
 
-def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-    """``x * rsqrt(sum(x^2) + eps)`` over the last dim in fp32 (FLA/HF: eps is added to the sum)."""
-    x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
-
-
 def gdn_gates(a: Array, b: Array, A_log: Array, dt_bias: Array, *, allow_neg_eigval: bool) -> tuple[Array, Array]:
-    """(g, beta) of Gated DeltaNet from the raw projections a, b [B, T, nv].
+    """(g, beta) of Gated DeltaNet from the raw projections a, b [B, T, nv], in fp32.
 
-    g = -exp(A_log) * softplus(a + dt_bias) (the log-decay, <= 0) in fp32; beta = sigmoid(b), doubled
-    when negative eigenvalues are allowed (so 1 - beta spans (-1, 1)).
+    g = -exp(A_log) * softplus(a + dt_bias) (the log-decay, <= 0); beta = sigmoid(b), doubled when
+    negative eigenvalues are allowed (so 1 - beta spans (-1, 1)). The math lives in kernels (the fused
+    kernels compute the same gates in-kernel); this names the model's use of it.
     """
-    g = -jnp.exp(A_log.astype(jnp.float32)) * jax.nn.softplus(a.astype(jnp.float32) + dt_bias.astype(jnp.float32))
-    beta = jax.nn.sigmoid(b.astype(jnp.float32))
-    if allow_neg_eigval:
-        beta = beta * 2.0
-    return g, beta
+    return decay_gate(a, A_log, dt_bias), write_strength(b, sigmoid=True, scale=2.0 if allow_neg_eigval else 1.0)
 
 
 class GatedDeltaNet(nnx.Module):
@@ -383,24 +374,25 @@ class GatedDeltaNet(nnx.Module):
             q = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids)
             k = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids)
             v = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids)
-        q = l2_normalize(q.reshape(B, T, self.nk, self.dk))
-        k = l2_normalize(k.reshape(B, T, self.nk, self.dk))
+        q = q.reshape(B, T, self.nk, self.dk)
+        k = k.reshape(B, T, self.nk, self.dk)
         v = v.reshape(B, T, self.nv, self.dv)
         if self.nv != self.nk:
             r = self.nv // self.nk
             q, k = jnp.repeat(q, r, axis=2), jnp.repeat(k, r, axis=2)
-        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log[...], self.dt_bias[...],
-                            allow_neg_eigval=self.allow_neg_eigval)
-        # q, k are fp32 after the l2norm; feed the kernel in the compute dtype (it accumulates in fp32).
-        q, k = q.astype(v.dtype), k.astype(v.dtype)
-        if cache is None:
-            o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.dk ** -0.5, segment_ids=segment_ids,
-                                    backend=self.backend)
-        elif T == 1:
-            o, state = gated_delta_rule_step(q, k, v, g, beta, cache.state, scale=self.dk ** -0.5)
+        a, b = self.a_proj(x), self.b_proj(x)
+        scale = self.dk ** -0.5
+        if cache is not None and T == 1:  # decode: one recurrent step on prepared inputs
+            g, beta = gdn_gates(a, b, self.A_log[...], self.dt_bias[...], allow_neg_eigval=self.allow_neg_eigval)
+            o, state = gated_delta_rule_step(l2_normalize(q), l2_normalize(k), v, g, beta, cache.state, scale=scale)
         else:
-            o, state = gated_delta_rule(q, k, v, g, beta, scale=self.dk ** -0.5, initial_state=cache.state,
-                                        output_final_state=True, backend=self.backend)
+            # The kernel l2-normalises q, k and computes the gates from the raw projections itself
+            # (in-kernel on GPU: no extra passes over HBM for the normalised copies).
+            fused = dict(use_qk_l2norm_in_kernel=True, A_log=self.A_log[...], dt_bias=self.dt_bias[...],
+                         beta_sigmoid=True, beta_scale=2.0 if self.allow_neg_eigval else 1.0)
+            o, state = gated_delta_rule(q, k, v, a, b, scale=scale, segment_ids=segment_ids,
+                                        initial_state=None if cache is None else cache.state,
+                                        output_final_state=cache is not None, backend=self.backend, **fused)
         gate = self.g_proj(x).reshape(B, T, self.nv, self.dv)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.nv * self.dv))
         if cache is None:
