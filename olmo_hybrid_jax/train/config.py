@@ -33,6 +33,7 @@ class ModelConfig:
     param_dtype: str = "float32"         # master weights
     compute_dtype: str = "bfloat16"      # matmuls / activations
     gdn_backend: str = "auto"            # kernels.gated_delta_rule backend
+    shard_gdn: bool = True               # run the GDN kernel under shard_map (batch/heads) on >1 device
     attention_impl: str = "auto"         # auto | xla | cudnn
     scan_layers: bool = True             # scan over periodic (3 GDN + 1 attention) blocks
     remat: str = "full"                  # none | full | dots | dots_no_batch

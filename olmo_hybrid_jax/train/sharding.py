@@ -150,12 +150,18 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     if math.prod(sizes) != n:
         raise ValueError(f"mesh data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices "
                          f"(set one of mesh.data/fsdp/tensor to -1 to fill)")
-    try:  # topology-aware order on real hardware (tensor innermost, on the fastest links)
-        from jax.experimental import mesh_utils
+    if len({d.process_index for d in devices}) > 1:
+        # several hosts: host-major order, so with fsdp * tensor = devices per host the data (replica)
+        # axis runs across hosts (slow links carry only the gradient all-reduce of HSDP) and
+        # fsdp / tensor stay inside a host (NVLink)
+        arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(sizes)
+    else:
+        try:  # topology-aware order on one host (tensor innermost, on the fastest links)
+            from jax.experimental import mesh_utils
 
-        arr = mesh_utils.create_device_mesh(tuple(sizes), devices=devices, allow_split_physical_axes=True)
-    except Exception:  # noqa: BLE001  (CPU / unusual topologies: plain order)
-        arr = np.asarray(devices).reshape(sizes)
+            arr = mesh_utils.create_device_mesh(tuple(sizes), devices=devices, allow_split_physical_axes=True)
+        except Exception:  # noqa: BLE001  (CPU / unusual topologies: plain order)
+            arr = np.asarray(devices).reshape(sizes)
     return Mesh(arr, MESH_AXES)
 
 

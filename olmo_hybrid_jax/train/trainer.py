@@ -134,6 +134,10 @@ class Trainer:
                               f"{ndata} data-parallel shards (mesh data x fsdp)")
         self.eos_id = dc.eos_token_id if dc.eos_token_id is not None else self._model_eos()
         self.kw = model_kwargs(cfg)
+        if cfg.model.shard_gdn and self.mesh.size > 1:
+            from olmo_hybrid_jax.train.kernel_sharding import register_sharded_backend
+
+            self.kw["gdn_backend"] = register_sharded_backend(self.mesh, self.rules, cfg.model.gdn_backend)
         abstract = nnx.eval_shape(lambda: build_model(self.mcfg, scan_layers=cfg.model.scan_layers,
                                                       rngs=nnx.Rngs(0), **self.kw))
         self.scanned = isinstance(abstract, ScannedOlmoHybridForCausalLM)
@@ -320,20 +324,23 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
         bar.set_postfix(format_postfix(row), refresh=False)
         last_row = row
 
+    stop = _install_sigterm_handler()
     try:
-        with trainer.mesh:
-            for step in range(start_step + 1, total + 1):
-                batch = trainer.device_batch(next(data_iter))
-                state, metrics = trainer.step_fn(state, batch)
-                if pending is not None:
-                    flush(pending)
-                pending = (step, metrics)
-                if step % cfg.checkpoint.every == 0 or step == total:
-                    flush(pending)  # the checkpoint's step must be logged before it is saved
-                    pending = None
-                    ckpt.save(step, state, data_iter.get_state(), meta, force=True)
+        for step in range(start_step + 1, total + 1):
+            batch = trainer.device_batch(next(data_iter))
+            state, metrics = trainer.step_fn(state, batch)
             if pending is not None:
                 flush(pending)
+            pending = (step, metrics)
+            if step % cfg.checkpoint.every == 0 or step == total or stop["flag"]:
+                flush(pending)  # the checkpoint's step must be logged before it is saved
+                pending = None
+                ckpt.save(step, state, data_iter.get_state(), meta, force=True)
+                if stop["flag"]:
+                    log(f"SIGTERM: saved step {step}; exiting (continue with --resume)")
+                    break
+        if pending is not None:
+            flush(pending)
         ckpt.wait()
     finally:
         bar.close()
@@ -343,6 +350,21 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
     log(f"done: step {total}, loss {last_row.get('loss', float('nan')):.4f}, {summary['wall_s']:.1f}s; "
         f"checkpoints {ckpt.all_steps()} in {out / 'checkpoints'}")
     return summary
+
+
+def _install_sigterm_handler() -> dict:
+    """On SIGTERM (preemption) finish the current step, checkpoint it and stop. Single-process only:
+    with several processes each would stop at its own step, so there the default handler stays."""
+    import signal
+    import threading
+
+    stop = {"flag": False}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            stop["flag"] = True
+
+        signal.signal(signal.SIGTERM, handler)
+    return stop
 
 
 def _abstract_with_shardings(trainer: Trainer):
