@@ -346,8 +346,9 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
         bar.close()
         writer.close()
         ckpt.close()
-    summary = {"last": last_row, "start_step": start_step, "steps": total, "wall_s": time.time() - t_start}
-    log(f"done: step {total}, loss {last_row.get('loss', float('nan')):.4f}, {summary['wall_s']:.1f}s; "
+    reached = last_row.get("step", start_step)
+    summary = {"last": last_row, "start_step": start_step, "steps": reached, "wall_s": time.time() - t_start}
+    log(f"{'done' if reached >= total else 'stopped'}: step {reached} of {total}, loss {last_row.get('loss', float('nan')):.4f}, {summary['wall_s']:.1f}s; "
         f"checkpoints {ckpt.all_steps()} in {out / 'checkpoints'}")
     return summary
 
