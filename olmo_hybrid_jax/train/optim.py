@@ -107,7 +107,7 @@ def skip_step_adamw(schedule: Callable, *, b1=0.9, b2=0.95, eps=1e-8, weight_dec
         if loss is None:
             raise ValueError("skip_step_adamw.update needs loss=... (the step's loss)")
         loss = jnp.asarray(loss, jnp.float32)
-        gnorm = optax.global_norm(grads).astype(jnp.float32)
+        gnorm = optax.tree.norm(grads).astype(jnp.float32)
         if window > 0:
             skip = skip_guard_decision(state.losses, state.grad_norms, state.seen, loss, gnorm,
                                        sigma=sigma, window=W)
