@@ -54,6 +54,11 @@ def lr_schedule(lr: float, warmup_steps: int, decay_steps: int, alpha_f: float =
                                               decay_steps=decay_steps, end_value=alpha_f * lr)
 
 
+def _global_norm(tree):
+    tree_ns = getattr(optax, "tree", None)  # optax >= 0.2.5; global_norm is deprecated there
+    return tree_ns.norm(tree) if tree_ns is not None and hasattr(tree_ns, "norm") else optax.global_norm(tree)
+
+
 class SkipStepState(NamedTuple):
     step: jax.Array          # int32: global steps seen (skipped ones too); drives the lr schedule
     inner: Any               # clip + Adam + decay state (frozen on skipped steps)
@@ -107,7 +112,7 @@ def skip_step_adamw(schedule: Callable, *, b1=0.9, b2=0.95, eps=1e-8, weight_dec
         if loss is None:
             raise ValueError("skip_step_adamw.update needs loss=... (the step's loss)")
         loss = jnp.asarray(loss, jnp.float32)
-        gnorm = optax.tree.norm(grads).astype(jnp.float32)
+        gnorm = _global_norm(grads).astype(jnp.float32)
         if window > 0:
             skip = skip_guard_decision(state.losses, state.grad_norms, state.seen, loss, gnorm,
                                        sigma=sigma, window=W)
