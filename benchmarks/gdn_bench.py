@@ -19,6 +19,7 @@ lax.scan of 8192 steps, and its backward keeps every token's state.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,6 +63,37 @@ def model_flops_bytes(B, T, H, K, V, C=64):
 # ----------------------------------------------------------------------------- FLA (torch) process
 
 
+def fla_kernel_profile(shapes=None):
+    """FLA's forward kernel by kernel (torch.profiler CUDA times, mean of 10 calls per shape)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.join(ROOT, ".bench_peer"))
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    for shp in shapes or SHAPES:
+        B, T, H, K, V = shp
+        q, k, v, g, beta = gdn_inputs(*shp)
+        tq, tk, tv = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in (q, k, v))
+        tg, tb = (torch.tensor(x, device="cuda") for x in (g, beta))
+        with torch.no_grad():
+            for _ in range(3):
+                chunk_gated_delta_rule(tq, tk, tv, tg, tb, scale=K ** -0.5)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    chunk_gated_delta_rule(tq, tk, tv, tg, tb, scale=K ** -0.5)
+                torch.cuda.synchronize()
+        tot = 0.0
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+            if e.device_time_total <= 0:
+                continue
+            ms = e.device_time_total / 10 / 1e3
+            tot += ms
+            print(f"[fla-kernels] {shp} {e.key[:60]:>60}: {ms:.3f} ms/call (x{e.count // 10})", flush=True)
+        print(f"[fla-kernels] {shp} total {tot:.3f} ms/call", flush=True)
+
+
 def run_fla(json_path):
     import torch
     import triton
@@ -92,6 +124,8 @@ def run_fla(json_path):
             if shp == SHAPES[0]:
                 np.save("/tmp/fla_out_7b.npy", out)
             print(f"[fla] {shp}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+            with open(json_path, "w") as fh:  # as it goes: a time limit keeps the shapes done
+                json.dump(res, fh, indent=1)
         except Exception as e:  # keep going: the table shows what failed
             res["shapes"][str(shp)] = {"error": repr(e)[:300]}
             traceback.print_exc()
@@ -206,6 +240,7 @@ def check_vs_fla(log):
 
 
 BREAKDOWN_SET = ("default",)
+FWD_ONLY_VARIANTS = False
 XLA_BACKENDS = ("chunked", "associative_scan", "sequential")
 ALT_CONFIG = dict(num_warps_walk=8, num_warps_bwd_walk=8)
 
@@ -247,9 +282,11 @@ def run_ours(json_path, out_dir, skip_checks=False, fp32_check=True, backends=("
     alt = PallasConfig(**ALT_CONFIG)
 
     def call(be, *a):
-        if be == "pallas[alt]":  # same kernels, other launch parameters (ALT_CONFIG)
+        if be.startswith("pallas["):  # same kernels, other launch parameters
+            name = be[len("pallas["):-1]
+            cfg = alt if name == "alt" else PallasConfig(**BREAKDOWN_CONFIGS[name])
             K = a[0].shape[-1]
-            return pallas_gated_delta_rule(*a, scale=K ** -0.5, config=alt)[0]
+            return pallas_gated_delta_rule(*a, scale=K ** -0.5, config=cfg)[0]
         return gated_delta_rule(*a, backend=be)[0]
 
     backends = list(backends)
@@ -269,7 +306,10 @@ def run_ours(json_path, out_dir, skip_checks=False, fp32_check=True, backends=("
             fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
             row = {}
             iters, warm = (20, 2) if be.startswith("pallas") else (3, 1)  # XLA rows: compile dominates
-            for name, f in (("fwd", fwd), ("fwd_bwd", fb)):
+            todo = (("fwd", fwd), ("fwd_bwd", fb))
+            if FWD_ONLY_VARIANTS and be.startswith("pallas[") and be != "pallas[unfused]":
+                todo = todo[:1]
+            for name, f in todo:
                 try:
                     t0 = time.perf_counter()
                     jax.block_until_ready(f(*args))
@@ -334,6 +374,28 @@ BREAKDOWN_CONFIGS = {
     "wide": dict(block_v_walk=64, num_warps_prep=4, num_warps_grad=4, num_warps_out=8),
     "narrow": dict(block_v_walk=32, num_warps_walk=2, num_stages_walk=3, num_warps_prep=1, num_warps_grad=4,
                    block_v=32),
+    "bv16": dict(block_v_walk=16),
+    "bv64": dict(block_v_walk=64),
+    "w2s3": dict(num_warps_walk=2, num_stages_walk=3, num_warps_prep=8),
+    "unfused": dict(fused_output=False),
+    "f_s1": dict(num_stages_fused=1),
+    "f_s3": dict(num_stages_fused=3),
+    "f_w8": dict(num_warps_walk=8),
+    "f_bv64": dict(block_v_walk=64),
+    "f_bv16": dict(block_v_walk=16),
+    "p4w": dict(num_warps_prep=4),
+    "f_s3_bv64": dict(num_stages_fused=3, block_v_walk=64),
+    "p1": dict(num_warps_prep=1),
+    "p4": dict(num_warps_prep=4),
+    "wu8": dict(num_warps_wu=8),
+    "wu2s2": dict(num_warps_wu=2, num_stages_wu=2),
+    "f_s2": dict(num_stages_fused=2),
+    "f_bv32": dict(block_v_fused=32),
+    "f_bv128": dict(block_v_fused=128),
+    "p2": dict(num_warps_prep=2),
+    "wu2": dict(num_warps_wu=2),
+    "nosplit": dict(split_k=False),
+    "f_s4": dict(num_stages_fused=4),
 }
 
 
@@ -356,16 +418,21 @@ def _breakdown(args, log, cfg_name):
     cfg = PallasConfig(**BREAKDOWN_CONFIGS[cfg_name])
     KP = max(16, pg._next_pow2(K))
     st = pg._Static(B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=cfg.block_v_walk, NVw=-(-V // cfg.block_v_walk),
-                    BVp=cfg.block_v, NVp=-(-V // cfg.block_v), N=-(-T // 64), scale=K ** -0.5, cd="bfloat16",
+                    BVp=cfg.block_v, NVp=-(-V // cfg.block_v), BVf=cfg.block_v_fused, NVf=-(-V // cfg.block_v_fused),
+                    N=-(-T // 64), scale=K ** -0.5, cd="bfloat16",
                     tr=pg.NO_TRANSFORMS, has_seg=False, interpret=jax.default_backend() == "cpu", config=cfg)
     cnt = jnp.zeros((1, 64), jnp.int32)
     z = jnp.zeros((H,), jnp.float32)
     s0 = jnp.zeros((B, H, K, V), jnp.float32)
-    prep = jax.jit(lambda k, v, g, b: pg._prep(st, k, v, g, b, cnt, z, z))
-    gam, tm, w, u = prep(k, v, g, beta)
-    walk = jax.jit(lambda k, gam, w, u: pg._walk(st, k, gam, cnt, w, u, s0))
+    prep = jax.jit(lambda q, k, v, g, b: pg._prep(st, q, k, v, g, b, cnt, z, z))
+    pre = prep(q, k, v, g, beta)
+    prep_tm = jax.jit(lambda k, g, b: pg._prep_tm(st, k, g, b, cnt, z, z))
+    prep_wu = jax.jit(lambda q, k, v, g, b, gam, tm: pg._prep_wu(st, q, k, v, g, b, cnt, z, z, gam, tm))
+    ust = dataclasses.replace(st, config=dataclasses.replace(cfg, fused_output=False))
+    gam, tm, w, u = jax.jit(lambda q, k, v, g, b: pg._prep(ust, q, k, v, g, b, cnt, z, z))(q, k, v, g, beta)
+    walk = jax.jit(lambda k, gam, w, u: pg._walk(ust, k, gam, cnt, w, u, s0))
     hs, vn, sT = walk(k, gam, w, u)
-    out = jax.jit(lambda q, k, gam, hs, vn: pg._out(st, q, k, gam, cnt, hs, vn, v.dtype))
+    out = jax.jit(lambda q, k, gam, hs, vn: pg._out(ust, q, k, gam, cnt, hs, vn, v.dtype))
     do = out(q, k, gam, hs, vn)
     bwalk = jax.jit(lambda q, k, gam, w, do, sT: pg._bwd_walk(st, q, k, gam, cnt, w, do, sT))
     dh, dvn, _ = bwalk(q, k, gam, w, do, sT)
@@ -374,12 +441,23 @@ def _breakdown(args, log, cfg_name):
     io = 2 * (2 * K + V) + 8  # q, k, v bf16 + g, beta fp32 per token-head
     hb = hs.size * 2
     items = [
-        ("gdn_prep", lambda: prep(k, v, g, beta), n * (2 * K + 2 * V + 8 + 4 + 128 + 2 * K + 2 * V)),
+        ("gdn_prep+wu", lambda: prep(q, k, v, g, beta), n * (2 * K + 2 * V + 8 + 4 + 128 + 2 * K + 2 * V)),
+        ("gdn_prep", lambda: prep_tm(k, g, beta), n * (2 * K + 8 + 4 + 128)),
+        ("gdn_wu", lambda: prep_wu(q, k, v, g, beta, gam, tm), n * (4 * K + 2 * V + 8 + 4 + 2 * 128 + 2 * K + 2 * V)),
         ("gdn_fwd_walk", lambda: walk(k, gam, w, u), n * (2 * K + 4 + 2 * K + 2 * V + 2 * V) + hb),
         ("gdn_fwd_out", lambda: out(q, k, gam, hs, vn), n * (4 * K + 4 + 2 * V + 2 * V) + hb),
         ("gdn_bwd_walk", lambda: bwalk(q, k, gam, w, do, sT), n * (4 * K + 4 + 2 * K + 2 * V + 2 * V) + hb),
         ("gdn_bwd_grads", lambda: grads(gam, tm, do, hs, dh, vn, dvn), n * (2 * io + 4 + 128 + 6 * V + 8) + 2 * hb),
     ]
+    if cfg.fused_output:
+        pm = pre[3]
+        fw = {r: jax.jit(lambda q, k, v, beta, gam, tm, w, pm, s=dataclasses.replace(st, residuals=r):
+                         pg._fused_walk(s, q, k, v, beta, gam, cnt, tm, w, pm, s0, v.dtype)) for r in (False, True)}
+        nb = n * (4 * K + 4 + 4 + 2 * K + 2 * V + 2 * V + 256)
+        items += [
+            ("fused walk+out", lambda: fw[False](q, k, v, beta, gam, tm, w, pm), nb),
+            ("fused +residuals", lambda: fw[True](q, k, v, beta, gam, tm, w, pm), nb + n * 2 * V + hb),
+        ]
     for name, f, nbytes in items:
         ms = _timeit(f, iters=20, warmup=2)
         log(f"  [{cfg_name}] kernel {name:>14} {tuple(q.shape[:3])}: {ms:.3f} ms, >= {nbytes / 1e6:.0f} MB -> "
@@ -397,12 +475,17 @@ if __name__ == "__main__":
     ap.add_argument("--backends", default="pallas,pallas[alt],chunked,associative_scan")
     ap.add_argument("--breakdown", default="default", help="comma list of BREAKDOWN_CONFIGS to time kernel by kernel")
     ap.add_argument("--ncu-kernels", action="store_true", help="run each pallas kernel once at the first shape (for ncu)")
+    ap.add_argument("--fla-kernels", action="store_true", help="FLA's forward kernel by kernel (torch profiler)")
+    ap.add_argument("--fwd-only-variants", action="store_true", help="time pallas[...] rows forward only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of this script at small shapes")
     a = ap.parse_args()
     if a.tiny:
         SHAPES[:] = [(1, 130, 2, 96, 192), (2, 70, 2, 12, 20)]
     BREAKDOWN_SET = tuple(a.breakdown.split(","))
-    if a.ncu_kernels:
+    FWD_ONLY_VARIANTS = a.fwd_only_variants
+    if a.fla_kernels:
+        fla_kernel_profile()
+    elif a.ncu_kernels:
         sys.path.insert(0, ROOT)
         import jax.numpy as jnp
 

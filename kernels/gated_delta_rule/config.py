@@ -31,13 +31,19 @@ class PallasConfig:
     block_v_walk: state columns per program of the two sequential chunk walks (a power of
         two >= 16). The walks are latency-bound with one program per (head, V-block), so
         narrower blocks put more programs on the GPU when B*H is small.
-    block_v: V columns per step of the parallel kernels (prep, output, gradients).
+    block_v: V columns per step of the parallel kernels (W/U, output, gradients).
+    block_v_fused: state columns per program of the fused forward walk (walk + output).
+    split_k: in the forward kernels, cut K into power-of-two tiles of at most 64 (K = 96 as
+        64 + 32) instead of padding it to the next power of two (one tile of 128).
     num_warps_* / num_stages_*: Triton's knobs per kernel.
+    fused_output: compute the output inside the forward walk (one kernel, no round trip of the
+        chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
+        instead of the walk + a parallel output kernel.
     """
 
     block_v_walk: int = 32
     block_v: int = 64
-    num_warps_prep: int = 2
+    num_warps_prep: int = 1
     num_warps_walk: int = 4
     num_warps_bwd_walk: int = 4
     num_stages_walk: int = 2
@@ -45,9 +51,15 @@ class PallasConfig:
     num_stages_out: int = 1
     num_warps_grad: int = 8
     num_stages_grad: int = 1
+    fused_output: bool = True
+    split_k: bool = True
+    block_v_fused: int = 64
+    num_stages_fused: int = 3
+    num_warps_wu: int = 4
+    num_stages_wu: int = 1
 
     def __post_init__(self):
-        for name in ("block_v_walk", "block_v"):
+        for name in ("block_v_walk", "block_v", "block_v_fused"):
             bv = getattr(self, name)
             if not isinstance(bv, int) or bv < 16 or bv & (bv - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {bv!r}")

@@ -104,6 +104,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _k_pieces(K: int):
+    """((start, width), ...) covering K rounded up to 16, widths 64, then 32 and 16."""
+    kr = -(-K // SUB) * SUB
+    out, c0 = [], 0
+    for w in (64, 32, 16):
+        while kr - c0 >= w and (w == 64 or kr - c0 < 2 * w):
+            out.append((c0, w))
+            c0 += w
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Everything the kernels specialise on (hashable)."""
@@ -118,6 +129,8 @@ class _Static:
     NVw: int
     BVp: int  # V columns per step of the parallel kernels
     NVp: int
+    BVf: int  # V columns per program of the fused forward walk
+    NVf: int
     N: int
     scale: float
     cd: str  # dot operand dtype name
@@ -125,6 +138,13 @@ class _Static:
     has_seg: bool
     interpret: bool
     config: PallasConfig
+    residuals: bool = True  # the fused walk also writes h and Vn (the custom_vjp forward)
+
+    @property
+    def kpieces(self):
+        """K as power-of-two column tiles of at most 64 (96 -> 64 + 32: no padding to KP), or
+        one tile of KP columns when ``config.split_k`` is off (fewer, larger dots)."""
+        return _k_pieces(self.K) if self.config.split_k else ((0, self.KP),)
 
     @property
     def cdt(self):
@@ -135,9 +155,13 @@ class _Static:
 
 
 def _mm(a, b, cd, *, ta=False, tb=False):
-    """a @ b (a^T if ta, b^T if tb) with cd operands and fp32 accumulation."""
+    """a @ b (a^T if ta, b^T if tb) with cd operands and fp32 accumulation (cd None: fp32
+    operands at default precision)."""
+    if cd is None:  # fp32 operands at the backend's default precision (tf32 on GPU)
+        cd, prec = f32, None
+    else:
+        prec = _HI if jnp.dtype(cd) == jnp.float32 else None
     a, b = a.astype(cd), b.astype(cd)
-    prec = _HI if jnp.dtype(cd) == jnp.float32 else None
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
 
@@ -193,6 +217,13 @@ def _gates(st, g_ref, beta_ref, b, h, t0, n, hp):
     return jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)
 
 
+def _beta(st, beta_ref, b, h, t0, n):
+    """Effective beta [n] fp32 (0 on pad tokens)."""
+    braw = _load_vec(beta_ref, b, h, t0, n, st.T)
+    beta = write_strength(braw, sigmoid=st.tr.beta_sigmoid, scale=st.tr.beta_scale)
+    return jnp.where(_tok_mask(t0, n, st.T), beta, 0.0)
+
+
 class _Chunk:
     """Per-chunk decay quantities (all fp32), computed from loaded g / segment index."""
 
@@ -246,20 +277,41 @@ def _store_tile(ref, val, b, h, r0, n, c0, w, width):
     _store(ref.at[b, h, pl.ds(r0, n), pl.ds(_dyn(c0, b), w)], val.astype(ref.dtype), mask=m)
 
 
-def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
-                 gam_ref, tm_ref, w_ref, u_ref, *, st: _Static):
-    """Per chunk: gamma, Tm = (I + A)^{-1}, W = Tm diag(beta gq) K, U = Tm diag(beta) V."""
+def _load_qk(st, ref, b, h, t0, n, pieces):
+    """q or k rows t0..t0+n as column tiles (one per K piece), l2-normalised over all of K
+    (fp32) when asked."""
+    xs = [_load_rows(ref, b, h, t0, n, c0, w, st.T, st.K) for c0, w in pieces]
+    if not st.tr.qk_l2norm:
+        return xs
+    xs = [x.astype(f32) for x in xs]
+    r = jax.lax.rsqrt(sum(jnp.sum(x * x, axis=1) for x in xs) + L2NORM_EPS)[:, None]
+    return [x * r for x in xs]
+
+
+def _mm_pieces(xs, ys, cd, **kw):
+    """sum_i xs[i] @ ys[i] (the K pieces of one contraction)."""
+    acc = _mm(xs[0], ys[0], cd, **kw)
+    for x, y in zip(xs[1:], ys[1:]):
+        acc = acc + _mm(x, y, cd, **kw)
+    return acc
+
+
+def _prep_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm_ref, *, st: _Static):
+    """Per chunk: gamma (in-chunk cumulative log decay) and Tm = (I + A)^{-1}."""
     n = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
     hp = _head_params(st, alog_ref, dtb_ref, h)
     nb = C // SUB
     cd = st.cdt
+    pieces = st.kpieces
+    # 16-bit calls round Tm to cd anyway: the 16x16 block merges may take tf32 dots (as FLA's).
+    merge_cd = f32 if st.cd == "float32" else None
     ks, gams, betas, cnts = [], [], [], []
     off = jnp.zeros((), f32)
     for r in range(nb):
         t0 = n * C + r * SUB
-        ks.append(_qk(st, _load_rows(k_ref, b, h, t0, SUB, 0, st.KP, st.T, st.K)))
+        ks.append(_load_qk(st, k_ref, b, h, t0, SUB, pieces))
         g, beta = _gates(st, g_ref, beta_ref, b, h, t0, SUB, hp)
         gam = off + jnp.cumsum(g)
         off = off + jnp.sum(g)
@@ -274,7 +326,7 @@ def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
             m = (idx[:, None] > idx[None, :]) if r == c else jnp.ones((SUB, SUB), bool)
             if st.has_seg:
                 m = m & (cnts[r][:, None] == cnts[c][None, :])
-            kk = _mm(ks[r], ks[c], cd, tb=True)
+            kk = _mm_pieces(ks[r], ks[c], cd, tb=True)
             dec = jnp.exp(jnp.where(m, gams[r][:, None] - gams[c][None, :], 0.0))
             A[r, c] = jnp.where(m, betas[r][:, None] * kk * dec, 0.0)
     diag = _inv_unit_lower_multi([A[r, r] for r in range(nb)], SUB)
@@ -282,51 +334,69 @@ def _prep_kernel(k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
     for d in range(1, nb):  # block forward substitution, one sub-diagonal at a time
         for r in range(d, nb):
             c = r - d
-            acc = _mm(A[r, c], X[c, c], f32)
+            acc = _mm(A[r, c], X[c, c], merge_cd)
             for m_ in range(c + 1, r):
-                acc = acc + _mm(A[r, m_], X[m_, c], f32)
-            X[r, c] = -_mm(X[r, r], acc, f32)
+                acc = acc + _mm(A[r, m_], X[m_, c], merge_cd)
+            X[r, c] = -_mm(X[r, r], acc, merge_cd)
     zero = jnp.zeros((SUB, SUB), f32)
     for r in range(nb):
         for c in range(nb):
             blk = X[r, c] if c <= r else zero
             _store(tm_ref.at[b, h, n, pl.ds(r * SUB, SUB), pl.ds(c * SUB, SUB)], blk.astype(tm_ref.dtype))
-    # Read Tm back as one [C, C] tile: two big dots instead of many 16-row ones. The barrier
-    # makes this program's global stores visible to all its threads (no-op when interpreted).
-    if not st.interpret:
-        plt.debug_barrier()
+
+
+def _wu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm_ref,
+               w_ref, up_ref, *, st: _Static):
+    """Per chunk, from Tm: W = Tm diag(beta gq) K, and U = Tm diag(beta) V for the unfused walk
+    or P = Q K^T * D (the state-independent part of the output) for the fused one, which
+    makes U itself. Dot-heavy [C, C] tiles: its own launch so it can take more warps than
+    the 16x16 work of gdn_prep."""
+    n = pl.program_id(0)
+    bh = pl.program_id(1)
+    b, h = bh // st.H, bh % st.H
+    cd = st.cdt
+    pieces = st.kpieces
     tm = _load(tm_ref.at[b, h, n])
     t0 = n * C
     gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
-    ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
-    k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-    _, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
-    _store_tile(w_ref, _mm(tm, (beta * ch.gq)[:, None] * k, cd), b, h, t0, C, 0, st.KP, st.K)
+    fused = st.config.fused_output
+    ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=fused)
+    k = _load_qk(st, k_ref, b, h, t0, C, pieces)
+    beta = _beta(st, beta_ref, b, h, t0, C)
+    for (c0, w), ki in zip(pieces, k):
+        _store_tile(w_ref, _mm(tm, (beta * ch.gq)[:, None] * ki, cd), b, h, t0, C, c0, w, st.K)
+    if fused:
+        q = _load_qk(st, q_ref, b, h, t0, C, pieces)
+        _store(up_ref.at[b, h, n], (_mm_pieces(q, k, cd, tb=True) * ch.D).astype(up_ref.dtype))
+        return
     for vb in range(st.NVp):
         v0 = vb * st.BVp
         v = _load_rows(v_ref, b, h, t0, C, v0, st.BVp, st.T, st.V).astype(f32)
-        _store_tile(u_ref, _mm(tm, beta[:, None] * v, cd), b, h, t0, C, v0, st.BVp, st.V)
+        _store_tile(up_ref, _mm(tm, beta[:, None] * v, cd), b, h, t0, C, v0, st.BVp, st.V)
 
 
 def _inv_unit_lower_multi(As, n):
     """[(I + A)^{-1} for A in As] (strictly lower [n, n] each), forward substitution, fp32.
 
-    Row i of X = e_i - sum_{j<i} A_ij X_j; the blocks advance together, so each of the n - 1
-    steps has len(As) independent masked row extractions and vector-matrix products.
+    With Y = (I + A)^{-1} - I: Y_i = -A_i - sum_{j<i} A_ij Y_j. Y starts as -A (rows 0 and 1
+    are then final), and row i still holds -A_i when its turn comes, so each step extracts
+    one row and does one vector-matrix product. The blocks advance together (independent
+    work in every step).
     """
     rows = jnp.arange(n)[:, None]
     cols = jnp.arange(n)[None, :]
     eye = jnp.where(rows == cols, 1.0, 0.0).astype(f32)
 
-    def body(i, Xs):
+    def body(i, Ys):
         out = []
-        for A, X in zip(As, Xs):
-            a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0)  # row i of A, indexed by j
-            upd = jnp.sum(a_i[:, None] * X, axis=0)
-            out.append(jnp.where(rows == i, X - upd[None, :], X))
+        for Y in Ys:
+            a = jnp.sum(jnp.where(rows == i, Y, 0.0), axis=0)  # -A_i, zero for j >= i
+            upd = jnp.sum(a[:, None] * Y, axis=0)  # only rows j < i (final) contribute
+            out.append(jnp.where(rows == i, (a + upd)[None, :], Y))
         return tuple(out)
 
-    return jax.lax.fori_loop(1, n, body, tuple(eye for _ in As))
+    Ys = jax.lax.fori_loop(2, n, body, tuple(-A for A in As))
+    return [Y + eye for Y in Ys]
 
 
 def _walk_kernel(k_ref, gam_ref, cnt_ref, w_ref, u_ref, s0_ref, h_ref, vn_ref, st_ref, *, st: _Static):
@@ -391,6 +461,60 @@ def _out_kernel(q_ref, k_ref, gam_ref, cnt_ref, h_ref, vn_ref, o_ref, *, st: _St
     P = _mm(q, k, cd, tb=True) * ch.D
     o = st.scale * (_mm(ch.gq[:, None] * q, S, cd) + _mm(P, Vn, cd))
     _store_rows(o_ref, o, b, h, t0, C, v0, BV, st.T, st.V)
+
+
+def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, w_ref, p_ref, s0_ref,
+                       o_ref, st_ref, *res_refs, st: _Static):
+    """Forward walk with the output fused in; the state lives as K pieces (64 + 32 for K = 96).
+
+    Per chunk (S = state entering it, as tiles S_i [w_i, BVw] fp32; Tm, W, P from prep):
+        Vn  = Tm diag(beta) V - sum_i W_i S_i
+        O   = scale (P Vn + sum_i diag(gq) Q_i S_i)
+        S_i = d S_i + (diag(e) K_i)^T Vn
+    U = Tm diag(beta) V is made here (it does not depend on the state, and making it costs
+    less than a round trip of U through HBM); only W S and the state update are on the
+    sequential path. With ``st.residuals`` (the custom_vjp forward) it also stores h[n] = S
+    and Vn for the backward; a plain forward writes O and the final state only.
+    """
+    vb = pl.program_id(0)
+    bh = pl.program_id(1)
+    b, h = bh // st.H, bh % st.H
+    BV = st.BVf
+    v0 = vb * BV
+    cd = st.cdt
+    pieces = st.kpieces
+    vmask = ((v0 + jnp.arange(BV)) < st.V)[None, :]
+
+    def smask(c0, w):
+        return ((c0 + jnp.arange(w)) < st.K)[:, None] & vmask
+
+    def state_ref(ref, *lead, c0, w):
+        return ref.at[lead + (pl.ds(_dyn(c0, b), w), pl.ds(_dyn(v0, b), BV))]
+
+    S0 = tuple(_load(state_ref(s0_ref, b, h, c0=c0, w=w), mask=smask(c0, w), other=0).astype(f32)
+               for c0, w in pieces)
+
+    def body(n, S):
+        t0 = _dyn(n, b) * C  # never a static start: the last chunk may run past T
+        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=False)
+        v = _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V).astype(f32)
+        Vn = _mm(_load(tm_ref.at[b, h, n]), _beta(st, beta_ref, b, h, t0, C)[:, None] * v, cd)  # U
+        Vn = Vn - _mm_pieces([_load_tile(w_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces], S, cd)
+        qs = _load_qk(st, q_ref, b, h, t0, C, pieces)
+        o = _mm(_load(p_ref.at[b, h, n]), Vn, cd) + _mm_pieces([ch.gq[:, None] * qi for qi in qs], S, cd)
+        _store_rows(o_ref, st.scale * o, b, h, t0, C, v0, BV, st.T, st.V)
+        if st.residuals:
+            h_ref, vn_ref = res_refs
+            for (c0, w), Si in zip(pieces, S):
+                _store(state_ref(h_ref, b, h, n, c0=c0, w=w), Si.astype(h_ref.dtype), mask=smask(c0, w))
+            _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
+        ks = _load_qk(st, k_ref, b, h, t0, C, pieces)
+        return tuple(ch.decay * Si + _mm(ch.to_end[:, None] * ki, Vn, cd, ta=True) for ki, Si in zip(ks, S))
+
+    S = jax.lax.fori_loop(0, st.N, body, S0)
+    for (c0, w), Si in zip(pieces, S):
+        _store(state_ref(st_ref, b, h, c0=c0, w=w), Si, mask=smask(c0, w))
 
 
 def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_ref, dvn_ref, ds0_ref,
@@ -550,17 +674,30 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _prep(st, k, v, g, beta, cnt, alog, dtb):
-    Tp = st.N * C
-    outs = (
-        _sds((st.B, st.H, Tp), f32),  # gamma
+def _prep_tm(st, k, g, beta, cnt, alog, dtb):
+    """(gamma, Tm): gdn_prep."""
+    return _call(_prep_kernel, st, (st.N, st.B * st.H), (
+        _sds((st.B, st.H, st.N * C), f32),  # gamma
         _sds((st.B, st.H, st.N, C, C), st.cdt),  # Tm
-        _sds((st.B, st.H, Tp, st.K), st.cdt),  # W
-        _sds((st.B, st.H, Tp, st.V), st.cdt),  # U
-    )
+    ), "gdn_prep", st.config.num_warps_prep, 1)(k, g, beta, cnt, alog, dtb)
+
+
+def _prep_wu(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm):
+    """(W, U), or (W, P) with the fused output: gdn_wu."""
     cfg = st.config
-    return _call(_prep_kernel, st, (st.N, st.B * st.H), outs, "gdn_prep", cfg.num_warps_prep, 1)(
-        k, v, g, beta, cnt, alog, dtb)
+    outs = (
+        _sds((st.B, st.H, st.N * C, st.K), st.cdt),  # W
+        _sds((st.B, st.H, st.N, C, C), st.cdt) if cfg.fused_output  # P = Q K^T * D
+        else _sds((st.B, st.H, st.N * C, st.V), st.cdt),  # U
+    )
+    return tuple(_call(_wu_kernel, st, (st.N, st.B * st.H), outs, "gdn_wu", cfg.num_warps_wu, cfg.num_stages_wu)(
+        q, k, v, g, beta, cnt, alog, dtb, gam, tm))
+
+
+def _prep(st, q, k, v, g, beta, cnt, alog, dtb):
+    """(gamma, Tm, W, U), or (gamma, Tm, W, P) with the fused output."""
+    gam, tm = _prep_tm(st, k, g, beta, cnt, alog, dtb)
+    return (gam, tm) + _prep_wu(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm)
 
 
 def _walk(st, k, gam, cnt, w, u, s0):
@@ -572,6 +709,21 @@ def _walk(st, k, gam, cnt, w, u, s0):
     cfg = st.config
     return _call(_walk_kernel, st, (st.NVw, st.B * st.H), outs, "gdn_fwd_walk", cfg.num_warps_walk,
                  cfg.num_stages_walk)(k, gam, cnt, w, u, s0)
+
+
+def _fused_walk(st, q, k, v, beta, gam, cnt, tm, w, pm, s0, o_dtype):
+    outs = (
+        _sds((st.B, st.T, st.H, st.V), o_dtype),  # O
+        _sds((st.B, st.H, st.K, st.V), f32),  # final state
+    )
+    if st.residuals:
+        outs += (
+            _sds((st.B, st.H, st.N, st.K, st.V), st.cdt),  # h: chunk-entry states
+            _sds((st.B, st.H, st.N * C, st.V), st.cdt),  # Vn
+        )
+    cfg = st.config
+    return _call(_fused_walk_kernel, st, (st.NVf, st.B * st.H), outs, "gdn_fwd_walk_out", cfg.num_warps_walk,
+                 cfg.num_stages_fused)(q, k, v, beta, gam, cnt, tm, w, pm, s0)
 
 
 def _out(st, q, k, gam, cnt, hs, vn, o_dtype):
@@ -606,7 +758,13 @@ def _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dv
 
 
 def _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt):
-    gam, tm, w, u = _prep(st, k, v, g, beta, cnt, alog, dtb)
+    """(O, final state, residuals or None). Residuals (gamma, Tm, W, h, Vn) when st.residuals."""
+    if st.config.fused_output:
+        gam, tm, w, pm = _prep(st, q, k, v, g, beta, cnt, alog, dtb)
+        outs = _fused_walk(st, q, k, v, beta, gam, cnt, tm, w, pm, s0, v.dtype)
+        o, sT = outs[:2]
+        return o, sT, ((gam, tm, w) + tuple(outs[2:]) if st.residuals else None)
+    gam, tm, w, u = _prep(st, q, k, v, g, beta, cnt, alog, dtb)
     hs, vn, sT = _walk(st, k, gam, cnt, w, u, s0)
     o = _out(st, q, k, gam, cnt, hs, vn, v.dtype)
     return o, sT, (gam, tm, w, hs, vn)
@@ -617,7 +775,8 @@ def _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gdr(st, q, k, v, g, beta, s0, alog, dtb, cnt):
-    o, sT, _ = _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt)
+    # A plain forward (no differentiation) writes no residuals.
+    o, sT, _ = _forward(dataclasses.replace(st, residuals=False), q, k, v, g, beta, s0, alog, dtb, cnt)
     return o, sT
 
 
@@ -714,8 +873,10 @@ def pallas_gated_delta_rule(
     KP = max(SUB, _next_pow2(K))
     BVw = min(config.block_v_walk, max(SUB, _next_pow2(V)))
     BVp = min(config.block_v, max(SUB, _next_pow2(V)))
+    BVf = min(config.block_v_fused, max(SUB, _next_pow2(V)))
     st = _Static(
-        B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=BVw, NVw=-(-V // BVw), BVp=BVp, NVp=-(-V // BVp), N=N,
+        B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=BVw, NVw=-(-V // BVw), BVp=BVp, NVp=-(-V // BVp),
+        BVf=BVf, NVf=-(-V // BVf), N=N,
         scale=float(scale),
         cd=_compute_dtype(q, k, v), tr=transforms, has_seg=segment_ids is not None,
         interpret=bool(interpret), config=config,
