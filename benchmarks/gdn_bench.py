@@ -395,6 +395,7 @@ BREAKDOWN_CONFIGS = {
     "p2": dict(num_warps_prep=2),
     "wu2": dict(num_warps_wu=2),
     "nosplit": dict(split_k=False),
+    "split": dict(split_k=True),
     "f_s4": dict(num_stages_fused=4),
 }
 
@@ -481,7 +482,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.tiny:
         SHAPES[:] = [(1, 130, 2, 96, 192), (2, 70, 2, 12, 20)]
-    BREAKDOWN_SET = tuple(a.breakdown.split(","))
+    BREAKDOWN_SET = () if a.breakdown == "none" else tuple(a.breakdown.split(","))
     FWD_ONLY_VARIANTS = a.fwd_only_variants
     if a.fla_kernels:
         fla_kernel_profile()

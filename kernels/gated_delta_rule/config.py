@@ -52,7 +52,7 @@ class PallasConfig:
     num_warps_grad: int = 8
     num_stages_grad: int = 1
     fused_output: bool = True
-    split_k: bool = True
+    split_k: bool = False
     block_v_fused: int = 64
     num_stages_fused: int = 3
     num_warps_wu: int = 4

@@ -19,19 +19,24 @@ into blocks (``PallasConfig.block_v_walk`` / ``block_v``) that run as independen
 
 Kernels (each a ``pl.pallas_call`` with a ``name``)
 ---------------------------------------------------
-gdn_prep       grid (N, B*H), parallel over chunks. gamma (stored fp32 [B, H, N*C]); Tm: the
-               four 16x16 diagonal blocks of (I + A)^{-1} by forward substitution (fp32, CUDA
-               cores, the four blocks advancing together), the six off-diagonal blocks by block
-               forward substitution with 16x16x16 fp32 dots; Tm is stored, read back as one
-               [C, C] tile (after a barrier) and W = Tm diag(beta gq) K, U = Tm diag(beta) V are
-               stored. HBM: reads k, v, g, beta once; writes gamma, Tm, W, U.
-gdn_fwd_walk   grid (V-blocks of block_v_walk, B*H), sequential over chunks inside the program,
-               the fp32 state [KP, block_v_walk] in registers for the whole walk. Per chunk:
-               h[n] = S (stored), Vn = U - W S (stored), S = d S + (diag(e) K)^T Vn: two dots on
-               the sequential path; the next chunk's tiles are loaded one step ahead.
-               HBM: reads k, gamma, W once per V-block and U once; writes h, Vn, final state.
-gdn_fwd_out    grid (V-blocks, N, B*H), parallel: O = scale (diag(gq) Q h[n] + (Q K^T * D) Vn).
-               HBM: reads q, k, gamma once per V-block, h and Vn once; writes O once.
+gdn_prep       grid (N, B*H), parallel over chunks, one warp by default. gamma (stored fp32
+               [B, H, N*C]); Tm: the four 16x16 diagonal blocks of (I + A)^{-1} by forward
+               substitution (fp32, CUDA cores, the four blocks advancing together), the six
+               off-diagonal blocks by block forward substitution with 16x16x16 dots (IEEE fp32 for
+               fp32 calls, tf32 for 16-bit calls, whose Tm is stored in 16 bits anyway).
+               HBM: reads k, g, beta; writes gamma, Tm.
+gdn_wu         grid (N, B*H), parallel: W = Tm diag(beta gq) K and either P = Q K^T * D (fused
+               output, the default) or U = Tm diag(beta) V (separate output kernel).
+gdn_fwd_walk_out  (``PallasConfig.fused_output``, the default) grid (V-blocks of block_v_fused,
+               B*H), sequential over chunks, the fp32 state in registers. Per chunk:
+               U = Tm diag(beta) V, Vn = U - W S, O = scale (P Vn + diag(gq) Q S),
+               S = d S + (diag(e) K)^T Vn; only W S and the update are on the sequential path.
+               A plain forward writes O and the final state only; the custom_vjp forward also
+               writes h[n] = S and Vn for the backward.
+gdn_fwd_walk   (unfused) grid (V-blocks of block_v_walk, B*H), sequential: h[n] = S (stored),
+               Vn = U - W S (stored), S = d S + (diag(e) K)^T Vn; the next chunk's tiles are
+               loaded one step ahead.
+gdn_fwd_out    (unfused) grid (V-blocks, N, B*H), parallel: O = scale (diag(gq) Q h[n] + (Q K^T * D) Vn).
 gdn_bwd_walk   grid (V-blocks, B*H), reverse walk with dS (fp32) in registers, needing no
                forward state: dVn = scale (Q K^T * D)^T dO + diag(e) K dS' (stored),
                dS = d dS' + scale (diag(gq) Q)^T dO - W^T dVn; stores dh[n] = dS' and
@@ -44,8 +49,12 @@ gdn_bwd_grads  grid (N, B*H), parallel over chunks: from h, dh, Vn, dVn it accum
                the in-kernel q/k l2norm. Writes dq, dk, dv, dg, dbeta once. HBM: reads the
                inputs, dO, gamma, Tm, h, dh, Vn, dVn once.
 
-Forward: prep + walk + output (three launches); the custom_vjp forward keeps gamma, Tm, W, h and
-Vn as residuals (no recomputation in the backward). Backward: backward walk + gradient kernel.
+Forward: prep + W/P + fused walk (three launches); the custom_vjp forward keeps gamma, Tm, W, h
+and Vn as residuals (no recomputation in the backward). Backward: backward walk + gradient kernel.
+
+K in the forward kernels: one tile padded to KP = next_pow2(K) (fewer, larger dots; measured
+faster on H200 at K = 96 and 128), or with ``PallasConfig.split_k`` power-of-two tiles of at most
+64 (96 = 64 + 32) that skip the padding's FLOPs.
 
 Memory stays linear in T: the backward keeps one state per chunk (h), never
 one per token. The gate / beta transforms (``gates.py``) run on loaded tiles;
@@ -61,8 +70,9 @@ segment index of each token (an int32 [B, N*C] built once outside).
 
 Rounding: the state, every accumulator, gamma, the masks and Tm's computation
 are fp32. Dot operands are the compute dtype cd = bf16/fp16 when q, k, v are
-all 16-bit (tensor cores, fp32 accumulation), else fp32 with IEEE dots. The
-intermediates Tm, W, U, h, Vn, dh, dVn are stored in cd (so a bf16 call rounds
+all 16-bit (tensor cores, fp32 accumulation), else fp32 with IEEE dots (16-bit
+calls merge Tm's 16x16 blocks with tf32 dots). The intermediates Tm, W, U, P,
+h, Vn, dh, dVn are stored in cd (so a bf16 call rounds
 them to bf16, as FLA does); gamma stays fp32. O, dq, dk, dv are rounded once, to
 their input dtypes; dg, dbeta, the final state and d initial_state stay fp32.
 """
