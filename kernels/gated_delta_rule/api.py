@@ -266,6 +266,10 @@ def gated_delta_rule(
             transforms=tr, A_log=A_log, dt_bias=dt_bias,
         )
     else:
+        if initial_state is None and q.shape[1] > 0:
+            # Zeros derived from k and v: inside a user's shard_map they vary over the same mesh
+            # axes as the inputs (a constant would not, and lax.scan's carry types would differ).
+            initial_state = (k[:, 0, :, :, None] * 0).astype(f32) * (v[:, 0, :, None, :] * 0).astype(f32)
         q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
         o, final_state = be.fn(
             q.astype(f32),

@@ -12,7 +12,7 @@ gamma reaches -300):
     same_ij = no segment start in (j, i]             (restart = infinite decay)
     D    [C, C] = exp(L_ij) if i >= j and same_ij else 0
     A    [C, C] = strict_lower(diag(beta) (K K^T) * D)
-    Tm   [C, C] = (I + A)^{-1}                       (unit lower triangular solve)
+    Tm   [C, C] = (I + A)^{-1}                       (unit lower triangular, recursive 2x2 blocks)
     U    [C, V] = Tm diag(beta) V
     W    [C, K] = Tm diag(beta * exp(gamma) * sees) K
                                  sees_i = no segment start in [chunk start, i]
@@ -44,7 +44,7 @@ pass for O; one to un-transpose and cast O. Autodiff through the scan keeps
 the per-chunk states (which are emitted anyway) as residuals.
 
 Rounding: inputs are upcast to float32 once; all products, the triangular
-solve and the state run in float32 with HIGHEST matmul precision (no TF32 /
+inverse and the state run in float32 with HIGHEST matmul precision (no TF32 /
 bf16 passes on GPU or TPU). The only rounding to a narrow type is the caller
 casting O to v.dtype. The final state stays float32.
 """
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from kernels.gated_delta_rule.common import segment_starts
 from kernels.gated_delta_rule.config import DEFAULT_CHUNK_CONFIG, ChunkConfig
@@ -72,6 +71,28 @@ def _to_chunks(x, n_chunks, chunk):
     x = x.reshape((B, n_chunks, chunk, H) + rest)
     perm = (1, 0, 3, 2) + tuple(range(4, 4 + len(rest)))
     return x.transpose(perm)
+
+
+def unit_lower_inverse(A):
+    """(I + A)^{-1} for strictly lower triangular A [..., n, n], by recursive 2 x 2 blocking,
+
+        [[X, 0], [Y, Z]]^{-1} = [[X^-1, 0], [-Z^-1 Y X^-1, Z^-1]],
+
+    with both diagonal halves inverted together (stacked) at each level: log2(n) levels of
+    batched matmuls, no LAPACK call (XLA:CPU's triangular-solve custom call deadlocked the
+    collectives of multi-device CPU programs) and the same algebra as block forward substitution.
+    """
+    n = A.shape[-1]
+    if n == 1:
+        return jnp.ones_like(A)
+    h = n // 2
+    if n % 2 == 0:
+        Xi, Zi = unit_lower_inverse(jnp.stack([A[..., :h, :h], A[..., h:, h:]]))
+    else:
+        Xi, Zi = unit_lower_inverse(A[..., :h, :h]), unit_lower_inverse(A[..., h:, h:])
+    Yi = -_einsum("...ij,...jk->...ik", Zi, _einsum("...ij,...jk->...ik", A[..., h:, :h], Xi))
+    top = jnp.concatenate([Xi, jnp.zeros(A.shape[:-2] + (h, n - h), A.dtype)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([Yi, Zi], axis=-1)], axis=-2)
 
 
 def chunk_pieces(q, k, v, g, beta, *, scale, starts=None, chunk_size: int = 64):
@@ -121,11 +142,9 @@ def chunk_pieces(q, k, v, g, beta, *, scale, starts=None, chunk_size: int = 64):
 
     kk = _einsum("nbhik,nbhjk->nbhij", kc, kc)
     A = jnp.where(strict, bc[..., :, None] * kk * D, 0.0)
-    eye = jnp.eye(C, dtype=f32)
-    # (I + A)^{-1} applied to both right-hand sides in one unit-lower solve.
-    rhs = jnp.concatenate([bc[..., None] * vc, (bc * gexp)[..., None] * kc], axis=-1)
-    UW = solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
-    U, W = UW[..., :V], UW[..., V:]  # [N,B,H,C,V], [N,B,H,C,K]
+    Tm = unit_lower_inverse(A)  # (I + A)^{-1}
+    U = _einsum("nbhij,nbhjv->nbhiv", Tm, bc[..., None] * vc)  # [N,B,H,C,V]
+    W = _einsum("nbhij,nbhjk->nbhik", Tm, (bc * gexp)[..., None] * kc)  # [N,B,H,C,K]
 
     # Weights carrying chunk tokens / S_in to the chunk's end.
     last_same = same[..., -1, :]  # [N,B,1,C]: token is in the chunk's last segment
