@@ -84,6 +84,7 @@ class TrainLoopConfig:
     steps: int = 1000                    # total steps to reach (--steps)
     seed: int = 34521                    # parameter init / rng
     loss_chunk: int = 1024               # sequence positions per cross-entropy chunk
+    grad_accum_steps: int = 1            # microbatches per optimizer step (data.global_batch_size split)
     peak_flops_per_device: float | None = None  # override of the device-kind table (MFU)
     progress: bool = True                # tqdm progress bar
 
@@ -299,6 +300,11 @@ def validate(cfg: Config) -> None:
         "at most one of mesh.data/fsdp/tensor may be -1")
     req(cfg.train.steps >= 0, "train.steps must be >= 0")
     req(cfg.train.loss_chunk >= 1, "train.loss_chunk must be >= 1")
+    k = cfg.train.grad_accum_steps
+    req(k >= 1, f"train.grad_accum_steps must be >= 1, got {k}")
+    req(cfg.data.global_batch_size % k == 0,
+        f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by train.grad_accum_steps={k} "
+        "(each optimizer step splits the global batch into that many equal microbatches)")
     req(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
 
 

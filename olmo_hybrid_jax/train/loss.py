@@ -24,6 +24,25 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Arra
     hidden [B, T, H] (final-normed), kernel [H, V], labels [B, T] int, mask [B, T] bool.
     ``compute_dtype`` is the matmul input dtype (None = hidden's). Returns scalars in fp32.
     """
+    ce_sum, z_sum = cross_entropy_sums(hidden, kernel, labels, mask, chunk=chunk, compute_dtype=compute_dtype,
+                                       logits_sharding=logits_sharding)
+    count = token_count(mask)
+    ce, z = ce_sum / count, z_sum / count
+    return ce + z_loss * z, ce, z
+
+
+def token_count(mask: jax.Array) -> jax.Array:
+    """The loss normaliser: number of valid targets (at least 1), fp32."""
+    return jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+
+def cross_entropy_sums(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                       chunk: int = 1024, compute_dtype=None, logits_sharding=None) -> tuple[jax.Array, jax.Array]:
+    """(sum of CE, sum of lse^2) over positions where ``mask`` is true, chunked as above (fp32 scalars).
+
+    Sums, not means, so that microbatches of one step (gradient accumulation) can be normalised by the
+    token count of the whole step.
+    """
     B, T, H = hidden.shape
     dtype = compute_dtype or hidden.dtype
     c = min(chunk, T)
@@ -54,9 +73,7 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, labels: jax.Arra
         return (acc[0] + ce, acc[1] + zz), None
 
     (ce_sum, z_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), (hs, ls, ms))
-    count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-    ce, z = ce_sum / count, z_sum / count
-    return ce + z_loss * z, ce, z
+    return ce_sum, z_sum
 
 
 def reference_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, z_loss: float = 0.0):

@@ -7,6 +7,14 @@ Step (``jax.jit`` with explicit in/out shardings): cast matrices to the compute 
 all-gathers move bf16), forward with per-layer remat (scanned over 3:1 blocks where the pattern
 repeats), chunked cross-entropy + z-loss, gradients, skip-step AdamW. Metrics of step s are fetched
 after step s+1 is dispatched, so logging never idles the device.
+
+Gradient accumulation (``train.grad_accum_steps`` = N > 1): the global batch is split into N
+microbatches (microbatch i = rows i, i+N, i+2N, ..., so each device splits its own rows and nothing
+moves), and a ``lax.scan`` runs forward + backward on one at a time, summing fp32 gradients (kept in
+the parameters' shardings) and the loss terms. Each microbatch's CE and z sums are divided by the
+token count of the whole step (known from the mask before any forward), so the summed loss and
+gradient are those of one step on the whole batch; clipping, the skip-step guard and the logged
+metrics see the step's values. N = 1 is the plain step.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from olmo_hybrid_jax.config import OlmoHybridConfig
 from olmo_hybrid_jax.train import sharding as shd
 from olmo_hybrid_jax.train.config import Config, ConfigError, dump_yaml
 from olmo_hybrid_jax.train.flops import peak_flops_per_device, train_flops_per_token
-from olmo_hybrid_jax.train.loss import chunked_cross_entropy
+from olmo_hybrid_jax.train.loss import cross_entropy_sums, token_count
 from olmo_hybrid_jax.train.optim import make_optimizer
 from olmo_hybrid_jax.train.stack import (ScannedOlmoHybridForCausalLM, build_model, hidden_states, list_to_stacked,
                                          lm_head_kernel)
@@ -132,6 +140,17 @@ class Trainer:
         if dc.global_batch_size % ndata:
             raise ConfigError(f"data.global_batch_size={dc.global_batch_size} is not divisible by the "
                               f"{ndata} data-parallel shards (mesh data x fsdp)")
+        accum = cfg.train.grad_accum_steps  # (load_config checks these two; a hand-built Config may not)
+        if accum < 1:
+            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {accum}")
+        if dc.global_batch_size % accum:
+            raise ConfigError(f"data.global_batch_size={dc.global_batch_size} is not divisible by "
+                              f"train.grad_accum_steps={accum}")
+        self.micro_batch_size = mb = dc.global_batch_size // accum
+        if mb % ndata:
+            raise ConfigError(f"train.grad_accum_steps={accum} makes microbatches of {mb} rows "
+                              f"(data.global_batch_size={dc.global_batch_size} / {accum}), not divisible by the "
+                              f"{ndata} data-parallel shards (mesh data x fsdp)")
         self.eos_id = dc.eos_token_id if dc.eos_token_id is not None else self._model_eos()
         self.kw = model_kwargs(cfg)
         if cfg.model.shard_gdn and self.mesh.size > 1:
@@ -151,10 +170,13 @@ class Trainer:
         self.state_sharding = state_shardings(self.abstract_state, self.mesh, self.rules)
         self.batch_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq"),
                                                       (dc.global_batch_size, dc.seq_len))
+        # activations live per microbatch (the whole batch when grad_accum_steps = 1)
+        micro = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq"), (mb, dc.seq_len))
+        self.micro_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *micro.spec))
         self.act_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq", "act_embed"),
-                                                    (dc.global_batch_size, dc.seq_len, self.mcfg.hidden_size))
+                                                    (mb, dc.seq_len, self.mcfg.hidden_size))
         self.logits_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq", "act_vocab"),
-                                                       (dc.global_batch_size, min(cfg.train.loss_chunk, dc.seq_len),
+                                                       (mb, min(cfg.train.loss_chunk, dc.seq_len),
                                                         self.mcfg.vocab_size))
         self.flops_per_token = train_flops_per_token(self.mcfg, dc.seq_len)
         kind = jax.devices()[0].device_kind
@@ -192,7 +214,18 @@ class Trainer:
         return jax.jit(rest, out_shardings=self.state_sharding, donate_argnums=0)(params)
 
     # ---------------------------------------------------------------- step
-    def loss_fn(self, params, batch):
+    @staticmethod
+    def targets(tokens):
+        """Next-token labels [B, T] and the loss mask [B, T] (every position but a row's last)."""
+        B, T = tokens.shape
+        labels = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), tokens.dtype)], axis=1)
+        mask = jnp.broadcast_to(jnp.arange(T) < T - 1, (B, T))
+        return labels, mask
+
+    def loss_fn(self, params, batch, count=None):
+        """(CE + z_loss * z, (CE, z)): sums over ``batch``'s valid targets divided by ``count``, which
+        defaults to their number (the mean). A microbatch comes with its rows' ``labels`` and ``mask``
+        (cut from the whole batch's) and passes the whole step's count."""
         cfg = self.cfg
         cdt = DTYPES[cfg.model.compute_dtype]
         if cdt != DTYPES[cfg.model.param_dtype]:
@@ -201,20 +234,48 @@ class Trainer:
             params = jax.tree.map(lambda p: p.astype(cdt) if p.ndim >= 2 else p, params)
         model = nnx.merge(self.graphdef, params)
         tokens = batch["tokens"]
-        B, T = tokens.shape
         doc = cfg.data.document_aware
         h = hidden_states(model, tokens, positions=batch["positions"] if doc else None,
                           segment_ids=batch["segment_ids"] if doc else None, remat=cfg.model.remat,
                           act_sharding=self.act_sharding)
-        labels = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), tokens.dtype)], axis=1)
-        mask = jnp.broadcast_to(jnp.arange(T) < T - 1, (B, T))
-        loss, ce, z = chunked_cross_entropy(h, lm_head_kernel(model), labels, mask, z_loss=cfg.optim.z_loss,
-                                            chunk=cfg.train.loss_chunk, compute_dtype=cdt,
-                                            logits_sharding=self.logits_sharding)
-        return loss, (ce, z)
+        labels, mask = (batch["labels"], batch["mask"]) if "mask" in batch else self.targets(tokens)
+        ce_sum, z_sum = cross_entropy_sums(h, lm_head_kernel(model), labels, mask, chunk=cfg.train.loss_chunk,
+                                           compute_dtype=cdt, logits_sharding=self.logits_sharding)
+        count = token_count(mask) if count is None else count
+        ce, z = ce_sum / count, z_sum / count
+        return ce + cfg.optim.z_loss * z, (ce, z)
+
+    def accumulated_grads(self, params, batch):
+        """(loss, (CE, z)), grads of the whole batch, computed one microbatch at a time (lax.scan)."""
+        n = self.cfg.train.grad_accum_steps
+        labels, mask = self.targets(batch["tokens"])  # of the whole batch, then cut with its rows
+        count = token_count(mask)  # the step's normaliser, known before any forward
+
+        def split(x):  # [B, T] -> [n, B/n, T]; microbatch i = rows i, i+n, ...: each device's rows stay local
+            x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, self.micro_sharding)
+
+        grad_sharding = self.state_sharding["params"]
+        acc0 = jax.lax.with_sharding_constraint(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                                                grad_sharding)
+
+        def body(carry, micro):
+            acc, ce_acc, z_acc = carry
+            (_, (ce, z)), g = jax.value_and_grad(self.loss_fn, has_aux=True)(params, micro, count)
+            acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+            return (jax.lax.with_sharding_constraint(acc, grad_sharding), ce_acc + ce, z_acc + z), None
+
+        zero = jnp.zeros((), jnp.float32)
+        micro = jax.tree.map(split, {**batch, "labels": labels, "mask": mask})
+        (acc, ce, z), _ = jax.lax.scan(body, (acc0, zero, zero), micro)
+        grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+        return (ce + self.cfg.optim.z_loss * z, (ce, z)), grads
 
     def train_step(self, state, batch):
-        (loss, (ce, z)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch)
+        if self.cfg.train.grad_accum_steps == 1:
+            (loss, (ce, z)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch)
+        else:
+            (loss, (ce, z)), grads = self.accumulated_grads(state["params"], batch)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], loss=ce)
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
         metrics = {"loss": ce, "total_loss": loss, "z_loss": z, "grad_norm": opt_state.last_grad_norm,
@@ -275,8 +336,10 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
     log(f"model: {trainer.param_count / 1e6:,.2f}M params, {trainer.mcfg.num_hidden_layers} layers, layout "
         f"{'scanned' if trainer.scanned else 'list'}, remat {cfg.model.remat}, compute {cfg.model.compute_dtype}; "
         f"{trainer.flops_per_token:.3e} train FLOPs/token")
+    accum = (f" ({cfg.train.grad_accum_steps} microbatches of {trainer.micro_batch_size})"
+             if cfg.train.grad_accum_steps > 1 else "")
     log(f"data: {len(rows):,} rows x {cfg.data.seq_len} from {rows.num_tokens:,} tokens in {len(rows.paths)} "
-        f"file(s); global batch {cfg.data.global_batch_size}; document_aware={cfg.data.document_aware}")
+        f"file(s); global batch {cfg.data.global_batch_size}{accum}; document_aware={cfg.data.document_aware}")
 
     start_step = 0
     if resume and latest is not None:
