@@ -77,13 +77,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_context_parallel_matches_single_device():
+def run_on_4_devices(script, marker):
+    """Run ``script`` in a fresh Python with 4 emulated CPU devices; assert it printed ``marker``."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "CP_OK" in r.stdout, r.stdout + r.stderr[-4000:]
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and marker in r.stdout, r.stdout + r.stderr[-4000:]
+
+
+def test_context_parallel_matches_single_device():
+    run_on_4_devices(SCRIPT, "CP_OK")
 
 
 SHARDED_SCRIPT = textwrap.dedent(
@@ -136,9 +141,4 @@ SHARDED_SCRIPT = textwrap.dedent(
 def test_xla_backends_on_a_batch_sharded_over_devices():
     """The plain-XLA backends under jit with a batch sharded over 4 devices and inside a user's
     shard_map (default checks) give the single-device values and gradients, call after call."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stdout + r.stderr[-4000:]
+    run_on_4_devices(SHARDED_SCRIPT, "SHARDED_OK")
