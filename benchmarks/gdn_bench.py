@@ -417,11 +417,8 @@ def _breakdown(args, log, cfg_name):
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = PallasConfig(**BREAKDOWN_CONFIGS[cfg_name])
-    KP = max(16, pg._next_pow2(K))
-    st = pg._Static(B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=cfg.block_v_walk, NVw=-(-V // cfg.block_v_walk),
-                    BVp=cfg.block_v, NVp=-(-V // cfg.block_v), BVf=cfg.block_v_fused, NVf=-(-V // cfg.block_v_fused),
-                    N=-(-T // 64), scale=K ** -0.5, cd="bfloat16",
-                    tr=pg.NO_TRANSFORMS, has_seg=False, interpret=jax.default_backend() == "cpu", config=cfg)
+    st = pg.make_static(B, T, H, K, V, scale=K ** -0.5, cd="bfloat16", interpret=jax.default_backend() == "cpu",
+                        config=cfg)
     cnt = jnp.zeros((1, 64), jnp.int32)
     z = jnp.zeros((H,), jnp.float32)
     s0 = jnp.zeros((B, H, K, V), jnp.float32)

@@ -219,12 +219,9 @@ def _qk(st, x):
 
 def _gates(st, g_ref, beta_ref, b, h, t0, n, hp):
     """Effective (g, beta) [n] fp32 for tokens t0..t0+n; pad tokens get exactly 0."""
-    valid = _tok_mask(t0, n, st.T)
     graw = _load_vec(g_ref, b, h, t0, n, st.T)
-    braw = _load_vec(beta_ref, b, h, t0, n, st.T)
     g = decay_gate(graw, hp[0], hp[1]) if st.tr.gate else graw
-    beta = write_strength(braw, sigmoid=st.tr.beta_sigmoid, scale=st.tr.beta_scale)
-    return jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)
+    return jnp.where(_tok_mask(t0, n, st.T), g, 0.0), _beta(st, beta_ref, b, h, t0, n)
 
 
 def _beta(st, beta_ref, b, h, t0, n):
@@ -831,6 +828,18 @@ def chunk_segment_index(segment_ids, T: int, N: int):
     return jnp.cumsum(starts.reshape(B, N, C), axis=-1).reshape(B, N * C)
 
 
+def make_static(B, T, H, K, V, *, scale, cd, transforms=NO_TRANSFORMS, has_seg=False, interpret=False,
+                config: PallasConfig = DEFAULT_PALLAS_CONFIG) -> _Static:
+    """What the kernels specialise on, for these sizes (block widths clamped to V)."""
+    vb = lambda w: min(w, max(SUB, _next_pow2(V)))  # noqa: E731
+    BVw, BVp, BVf = vb(config.block_v_walk), vb(config.block_v), vb(config.block_v_fused)
+    return _Static(
+        B=B, T=T, H=H, K=K, V=V, KP=max(SUB, _next_pow2(K)), BVw=BVw, NVw=-(-V // BVw), BVp=BVp,
+        NVp=-(-V // BVp), BVf=BVf, NVf=-(-V // BVf), N=max(1, -(-T // C)), scale=float(scale), cd=cd,
+        tr=transforms, has_seg=has_seg, interpret=bool(interpret), config=config,
+    )
+
+
 def supports(q, k, v, platform) -> Optional[str]:
     """Why the Pallas backend cannot take these inputs, or None."""
     if platform not in ("gpu", "cuda", "rocm", "cpu"):
@@ -879,18 +888,9 @@ def pallas_gated_delta_rule(
     V = v.shape[-1]
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    N = max(1, -(-T // C))
-    KP = max(SUB, _next_pow2(K))
-    BVw = min(config.block_v_walk, max(SUB, _next_pow2(V)))
-    BVp = min(config.block_v, max(SUB, _next_pow2(V)))
-    BVf = min(config.block_v_fused, max(SUB, _next_pow2(V)))
-    st = _Static(
-        B=B, T=T, H=H, K=K, V=V, KP=KP, BVw=BVw, NVw=-(-V // BVw), BVp=BVp, NVp=-(-V // BVp),
-        BVf=BVf, NVf=-(-V // BVf), N=N,
-        scale=float(scale),
-        cd=_compute_dtype(q, k, v), tr=transforms, has_seg=segment_ids is not None,
-        interpret=bool(interpret), config=config,
-    )
+    st = make_static(B, T, H, K, V, scale=scale, cd=_compute_dtype(q, k, v), transforms=transforms,
+                     has_seg=segment_ids is not None, interpret=interpret, config=config)
+    N = st.N
     if initial_state is None:
         initial_state = jnp.zeros((B, H, K, V), f32)
     if segment_ids is None:
