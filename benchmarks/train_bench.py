@@ -128,12 +128,21 @@ def run_ours(args) -> dict:
 
     times = median_time(step, args.warmup, args.steps)
     loss = float(jax.device_get(step()["loss"]))
+    prof = None
+    if args.profile:
+        from benchmarks.profile_ops import format_summary, profile_ops
+
+        log_dir = Path("/tmp") / f"olmo_hybrid_trace_{args.case}_{os.getpid()}"  # traces are large: not in OUT
+        prof = profile_ops(step, args.profile, log_dir, hlo_text=compiled.as_text())
+        print(format_summary(prof), flush=True)
     step_s = statistics.median(times)
     res = {"case": args.case, "device": jax.devices()[0].device_kind, "devices": ndev, "params": tr.param_count,
            "batch": GB, "seq": T, "remat": cfg.model.remat, "mesh": dict(tr.mesh.shape), "init_s": init_s,
            "compile_s": compile_s, "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * t for t in times],
            "tokens_per_s": GB * T / step_s, "tokens_per_s_per_device": GB * T / step_s / ndev,
            "flops_per_token": tr.flops_per_token, "peak_flops_per_device": tr.peak, "final_loss": loss}
+    if prof is not None:
+        res["profile"] = prof
     res["mfu"] = (res["tokens_per_s_per_device"] * tr.flops_per_token / tr.peak) if tr.peak else None
     del holder["state"], state
     if args.fwd_bwd:  # forward + backward only, the peer's measure
@@ -172,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-fwd-bwd", dest="fwd_bwd", action="store_false", help="skip the fwd+bwd-only timing")
+    ap.add_argument("--profile", type=int, default=0, help="profile N full steps (jax.profiler) and print "
+                                                              "device time by named scope and kernel")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny widths on CPU: checks the script runs")
     ap.add_argument("override", nargs="*", help="extra config overrides (key=value)")

@@ -45,6 +45,18 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def scoped(name: str):
+    """Decorator: run a module's ``__call__`` under ``jax.named_scope(name)``, so profiles and HLO dumps
+    attribute its ops (e.g. ``gdn/...``, ``transpose(jvp(gdn))/...`` for its backward)."""
+    def wrap(fn):
+        def call(self, *args, **kwargs):
+            with jax.named_scope(name):
+                return fn(self, *args, **kwargs)
+        call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        return call
+    return wrap
+
+
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
@@ -66,6 +78,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
+    @scoped("rmsnorm")
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -83,6 +96,7 @@ class GatedRMSNorm(nnx.Module):
         self.eps = eps
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
+    @scoped("gated_rmsnorm")
     def __call__(self, x: Array, gate: Array) -> Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -109,6 +123,7 @@ class ShortConv(nnx.Module):
         self.dtype = dtype
         self.kernel = nnx.Param(_normal(std)(rngs.params(), (kernel_size, channels), param_dtype))
 
+    @scoped("short_conv")
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache: Array | None = None,
                  return_cache: bool = False):
         B, T, C = x.shape
@@ -251,6 +266,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(nh * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(nkv * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
+    @scoped("attention")
     def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
                  key_mask: Array | None = None, cache: KVCache | None = None, cache_index=None,
                  cache_key_mask: Array | None = None):
@@ -353,6 +369,7 @@ class GatedDeltaNet(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
         self.o_norm = GatedRMSNorm(self.dv, eps=1e-5, param_dtype=param_dtype)
 
+    @scoped("gdn")
     def __call__(self, x: Array, *, segment_ids: Array | None = None, padding_mask: Array | None = None,
                  cache: GDNCache | None = None):
         """x [B, T, H] -> [B, T, H]; with ``cache`` (a :class:`GDNCache`), -> (output, updated cache).
@@ -390,9 +407,10 @@ class GatedDeltaNet(nnx.Module):
             # (in-kernel on GPU: no extra passes over HBM for the normalised copies).
             fused = dict(use_qk_l2norm_in_kernel=True, A_log=self.A_log[...], dt_bias=self.dt_bias[...],
                          beta_sigmoid=True, beta_scale=2.0 if self.allow_neg_eigval else 1.0)
-            o, state = gated_delta_rule(q, k, v, a, b, scale=scale, segment_ids=segment_ids,
-                                        initial_state=None if cache is None else cache.state,
-                                        output_final_state=cache is not None, backend=self.backend, **fused)
+            with jax.named_scope("gdn_core"):
+                o, state = gated_delta_rule(q, k, v, a, b, scale=scale, segment_ids=segment_ids,
+                                            initial_state=None if cache is None else cache.state,
+                                            output_final_state=cache is not None, backend=self.backend, **fused)
         gate = self.g_proj(x).reshape(B, T, self.nv, self.dv)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.nv * self.dv))
         if cache is None:
@@ -411,5 +429,6 @@ class MLP(nnx.Module):
         self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, **kw)
 
+    @scoped("mlp")
     def __call__(self, x: Array) -> Array:
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))

@@ -59,6 +59,7 @@ def cross_entropy_sums(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, 
     w = kernel.astype(dtype)
 
     @jax.checkpoint  # recompute a chunk's logits in the backward pass; store nothing per chunk
+    @jax.named_scope("lm_head_ce")
     def chunk_terms(w, h, lab, m):
         logits = jnp.einsum("bch,hv->bcv", h.astype(dtype), w, preferred_element_type=jnp.float32)
         if logits_sharding is not None:

@@ -276,8 +276,9 @@ class Trainer:
             (loss, (ce, z)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch)
         else:
             (loss, (ce, z)), grads = self.accumulated_grads(state["params"], batch)
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], loss=ce)
-        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], loss=ce)
+            params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
         metrics = {"loss": ce, "total_loss": loss, "z_loss": z, "grad_norm": opt_state.last_grad_norm,
                    "lr": self.schedule(state["step"] + 1), "skipped": opt_state.last_skipped,
                    "skipped_total": opt_state.skipped}
