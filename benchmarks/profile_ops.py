@@ -4,7 +4,9 @@
 Perfetto JSON export, which needs no TensorBoard plugin), then reads the trace back and returns, per
 step, the device time of every kernel name and of every op-name prefix (the ``tf_op`` / ``long_name``
 the XLA GPU trace attaches, e.g. ``jit(step)/.../dot_general``), largest first. With no device
-track (CPU) it sums the host's XLA op events instead, so the code path is testable on CPU.
+track (CPU) it sums the host's XLA op events instead, so the code path is testable on CPU. Kernels that XLA:GPU
+launches inside a command buffer (CUDA graph) are reported without their op: profile with
+``--xla_gpu_enable_command_buffer=`` in XLA_FLAGS (``train_bench.py --profile`` sets it) to attribute all.
 
     python benchmarks/train_bench.py --smoke --profile 2 --out /tmp/p   # CPU check
 """
@@ -53,8 +55,12 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     for line in hlo_text.splitlines():
         m = _HLO_LINE.match(line)
         if m:
-            out.setdefault(m.group(1), m.group(2))
+            out.setdefault(_norm(m.group(1)), m.group(2))
     return out
+
+
+def _norm(name: str) -> str:  # kernel names spell HLO's "fusion.12" / "custom-call.3" as "fusion_12"
+    return re.sub(r"[.\-]", "_", name)
 
 
 def summarize(events: list[dict], steps: int, top: int = 40, op_depth: int = 4, hlo_text: str | None = None) -> dict:
@@ -87,7 +93,10 @@ def summarize(events: list[dict], steps: int, top: int = 40, op_depth: int = 4, 
         k[1] += 1
         total += dur_ms
         hlo = str(args.get("hlo_op") or name)
-        op = args.get("tf_op") or args.get("long_name") or names.get(hlo) or names.get(name) or hlo
+        tf_op = str(args.get("tf_op") or args.get("long_name") or "")
+        if tf_op.startswith("XlaModule"):  # inside a command buffer (CUDA graph): no op attribution
+            tf_op = ""
+        op = tf_op or names.get(_norm(hlo)) or names.get(_norm(name)) or hlo
         op = re.sub(r"\[.*$", "", str(op)).strip()
         parts = [p for p in op.split("/") if p and not p.startswith("jit(") and p != "jit(main)"]
         by_op["/".join(parts[:op_depth]) or name] += dur_ms

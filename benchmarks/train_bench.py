@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.seq, args.warmup, args.steps = 128, 1, 2
     os.environ.setdefault("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+    if args.profile:  # every kernel launched alone, so the trace names its HLO op (timings then include launches)
+        os.environ["XLA_FLAGS"] += " --xla_gpu_enable_command_buffer="
     result = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if args.peer and args.case == "8layer":
         result["peer"] = run_peer(args)  # before JAX touches the GPU

@@ -239,11 +239,11 @@ class Trainer:
                           segment_ids=batch["segment_ids"] if doc else None, remat=cfg.model.remat,
                           act_sharding=self.act_sharding)
         labels, mask = (batch["labels"], batch["mask"]) if "mask" in batch else self.targets(tokens)
-        ce_sum, z_sum = cross_entropy_sums(h, lm_head_kernel(model), labels, mask, chunk=cfg.train.loss_chunk,
-                                           compute_dtype=cdt, logits_sharding=self.logits_sharding)
+        total, ce_sum, z_sum = cross_entropy_sums(h, lm_head_kernel(model), labels, mask, z_loss=cfg.optim.z_loss,
+                                                  chunk=cfg.train.loss_chunk, compute_dtype=cdt,
+                                                  logits_sharding=self.logits_sharding)
         count = token_count(mask) if count is None else count
-        ce, z = ce_sum / count, z_sum / count
-        return ce + cfg.optim.z_loss * z, (ce, z)
+        return total / count, (ce_sum / count, z_sum / count)
 
     def accumulated_grads(self, params, batch):
         """(loss, (CE, z)), grads of the whole batch, computed one microbatch at a time (lax.scan)."""
