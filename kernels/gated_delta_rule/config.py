@@ -36,6 +36,9 @@ class PallasConfig:
     split_k: in the forward kernels, cut K into power-of-two tiles of at most 64 (K = 96 as
         64 + 32) instead of padding it to the next power of two (one tile of 128).
     num_warps_* / num_stages_*: Triton's knobs per kernel.
+    precompute_qk: with the fused output, gdn_wu writes diag(gq) Q and diag(e) K (q, k
+        normalised when asked) and the sequential walk feeds them to its state dots as loaded,
+        instead of normalising and scaling its q, k tiles itself on every chunk.
     fused_output: compute the output inside the forward walk (one kernel, no round trip of the
         chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
         instead of the walk + a parallel output kernel.
@@ -57,6 +60,7 @@ class PallasConfig:
     num_stages_fused: int = 3
     num_warps_wu: int = 4
     num_stages_wu: int = 1
+    precompute_qk: bool = True
 
     def __post_init__(self):
         for name in ("block_v_walk", "block_v", "block_v_fused"):

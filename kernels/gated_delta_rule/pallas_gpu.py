@@ -45,9 +45,8 @@ gdn_bwd_grads  grid (N, B*H), parallel over chunks: from h, dh, Vn, dVn it accum
                reduction over V in registers (dP = dO Vn^T, dO h^T, Vn dh^T, -dVn h^T,
                dVn (beta V)^T, <h, dh>; dv = beta Tm^T dVn is written per V-block), then runs the
                backward of the WY form (dA = -Tm^T dTm Tm^T), of the decay masks and of the
-               in-chunk cumsum (dg = reverse cumsum of dgamma) in-kernel, and, when asked, of
-               the in-kernel q/k l2norm. Writes dq, dk, dv, dg, dbeta once. HBM: reads the
-               inputs, dO, gamma, Tm, h, dh, Vn, dVn once.
+               in-chunk cumsum (dg = reverse cumsum of dgamma) in-kernel. Writes dq, dk, dv, dg,
+               dbeta once. HBM: reads the inputs, dO, gamma, Tm, h, dh, Vn, dVn once.
 
 Forward: prep + W/P + fused walk (three launches); the custom_vjp forward keeps gamma, Tm, W, h
 and Vn as residuals (no recomputation in the backward). Backward: backward walk + gradient kernel.
@@ -59,7 +58,10 @@ faster on H200 at K = 96 and 128), or with ``PallasConfig.split_k`` power-of-two
 Memory stays linear in T: the backward keeps one state per chunk (h), never
 one per token. The gate / beta transforms (``gates.py``) run on loaded tiles;
 their backward to the raw inputs (a, A_log, dt_bias, b) is an XLA elementwise
-epilogue on dg, dbeta ([B, T, H], ~1% of the bytes).
+epilogue on dg, dbeta ([B, T, H], ~1% of the bytes). With the in-kernel q/k l2norm the forward
+kernels normalise their tiles; the backward kernels take q, k normalised by one XLA pass and the
+l2norm's backward is chained in XLA on their fp32 dq, dk (normalising every tile in the reverse
+walk cost it twice the registers).
 
 Shapes: K and V need not be powers of two. K is padded in registers to
 KP = next_pow2(max(K, 16)) by masked loads (the padding reads no HBM bytes);
@@ -353,11 +355,13 @@ def _prep_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm
 
 
 def _wu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm_ref,
-               w_ref, up_ref, *, st: _Static):
+               w_ref, up_ref, *qk_refs, st: _Static):
     """Per chunk, from Tm: W = Tm diag(beta gq) K, and U = Tm diag(beta) V for the unfused walk
     or P = Q K^T * D (the state-independent part of the output) for the fused one, which
     makes U itself. Dot-heavy [C, C] tiles: its own launch so it can take more warps than
-    the 16x16 work of gdn_prep."""
+    the 16x16 work of gdn_prep. With ``config.precompute_qk`` (fused walk) it also writes
+    QG = diag(gq) Q and KE = diag(e) K (q, k normalised first when asked), the walk's two
+    state-dot operands, so the sequential walk loads them as they are."""
     n = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
@@ -375,6 +379,11 @@ def _wu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
     if fused:
         q = _load_qk(st, q_ref, b, h, t0, C, pieces)
         _store(up_ref.at[b, h, n], (_mm_pieces(q, k, cd, tb=True) * ch.D).astype(up_ref.dtype))
+        if qk_refs:
+            qg_ref, ke_ref = qk_refs
+            for (c0, w), qi, ki in zip(pieces, q, k):
+                _store_tile(qg_ref, ch.gq[:, None] * qi, b, h, t0, C, c0, w, st.K)
+                _store_tile(ke_ref, ch.to_end[:, None] * ki, b, h, t0, C, c0, w, st.K)
         return
     for vb in range(st.NVp):
         v0 = vb * st.BVp
@@ -490,6 +499,7 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
     v0 = vb * BV
     cd = st.cdt
     pieces = st.kpieces
+    pre = st.config.precompute_qk
     vmask = ((v0 + jnp.arange(BV)) < st.V)[None, :]
 
     def smask(c0, w):
@@ -508,16 +518,22 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
         v = _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V).astype(f32)
         Vn = _mm(_load(tm_ref.at[b, h, n]), _beta(st, beta_ref, b, h, t0, C)[:, None] * v, cd)  # U
         Vn = Vn - _mm_pieces([_load_tile(w_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces], S, cd)
-        qs = _load_qk(st, q_ref, b, h, t0, C, pieces)
-        o = _mm(_load(p_ref.at[b, h, n]), Vn, cd) + _mm_pieces([ch.gq[:, None] * qi for qi in qs], S, cd)
+        if pre:  # q_ref / k_ref hold QG = diag(gq) Q and KE = diag(e) K (gdn_wu), [B, H, N*C, K]
+            qgs = [_load_tile(q_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]
+        else:
+            qgs = [ch.gq[:, None] * qi for qi in _load_qk(st, q_ref, b, h, t0, C, pieces)]
+        o = _mm(_load(p_ref.at[b, h, n]), Vn, cd) + _mm_pieces(qgs, S, cd)
         _store_rows(o_ref, st.scale * o, b, h, t0, C, v0, BV, st.T, st.V)
         if st.residuals:
             h_ref, vn_ref = res_refs
             for (c0, w), Si in zip(pieces, S):
                 _store(state_ref(h_ref, b, h, n, c0=c0, w=w), Si.astype(h_ref.dtype), mask=smask(c0, w))
             _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
-        ks = _load_qk(st, k_ref, b, h, t0, C, pieces)
-        return tuple(ch.decay * Si + _mm(ch.to_end[:, None] * ki, Vn, cd, ta=True) for ki, Si in zip(ks, S))
+        if pre:
+            kes = [_load_tile(k_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]
+        else:
+            kes = [ch.to_end[:, None] * ki for ki in _load_qk(st, k_ref, b, h, t0, C, pieces)]
+        return tuple(ch.decay * Si + _mm(ke, Vn, cd, ta=True) for ke, Si in zip(kes, S))
 
     S = jax.lax.fori_loop(0, st.N, body, S0)
     for (c0, w), Si in zip(pieces, S):
@@ -544,8 +560,8 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     def body(i, dS):
         n = st.N - 1 - i
         t0 = n * C
-        q = _qk(st, _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
-        k = _qk(st, _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K))
+        q = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K)  # l2-normalised already (see _gdr_bwd)
+        k = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
         gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
         ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
         W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
@@ -569,9 +585,9 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     hp = _head_params(st, alog_ref, dtb_ref, h)
     cd = st.cdt
     t0 = n * C
-    qraw = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
-    kraw = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
-    q, k = _qk(st, qraw), _qk(st, kraw)  # fp32 only when normalised here; dots cast to cd anyway
+    # q, k arrive l2-normalised (the backward normalises them in XLA and chains through it there)
+    q = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
+    k = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
     _, beta = _gates(st, g_ref, beta_ref, b, h, t0, C, hp)
     gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
     ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
@@ -639,18 +655,10 @@ def _bwd_grads_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, d
     dlast = jnp.sum(dte) + ddecay * ch.decay
     dgam = dgam + jnp.where(jnp.arange(C) == C - 1, dlast, 0.0)
     dg = jnp.sum(dgam) - jnp.cumsum(dgam) + dgam  # gamma_i = sum_{s<=i} g_s
-    if st.tr.qk_l2norm:  # x_n = x r, r = rsqrt(|x|^2 + eps):  dx = r (dx_n - x_n <x_n, dx_n>)
-        dq = _l2norm_bwd(qraw.astype(f32), q, dq)
-        dk = _l2norm_bwd(kraw.astype(f32), k, dk)
     _store_rows(dq_ref, dq, b, h, t0, C, 0, st.KP, st.T, st.K)
     _store_rows(dk_ref, dk, b, h, t0, C, 0, st.KP, st.T, st.K)
     _store_vec(dg_ref, dg, b, h, t0, C, st.T)
     _store_vec(dbeta_ref, dbeta, b, h, t0, C, st.T)
-
-
-def _l2norm_bwd(x, xn, dxn):
-    r = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
-    return r * (dxn - xn * jnp.sum(xn * dxn, axis=1, keepdims=True))
 
 
 # ----------------------------------------------------------------------------- pallas_call wrappers
@@ -697,12 +705,14 @@ def _prep_wu(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm):
         _sds((st.B, st.H, st.N, C, C), st.cdt) if cfg.fused_output  # P = Q K^T * D
         else _sds((st.B, st.H, st.N * C, st.V), st.cdt),  # U
     )
+    if cfg.fused_output and cfg.precompute_qk:
+        outs += (_sds((st.B, st.H, st.N * C, st.K), st.cdt),) * 2  # QG = diag(gq) Q, KE = diag(e) K
     return tuple(_call(_wu_kernel, st, (st.N, st.B * st.H), outs, "gdn_wu", cfg.num_warps_wu, cfg.num_stages_wu)(
         q, k, v, g, beta, cnt, alog, dtb, gam, tm))
 
 
 def _prep(st, q, k, v, g, beta, cnt, alog, dtb):
-    """(gamma, Tm, W, U), or (gamma, Tm, W, P) with the fused output."""
+    """(gamma, Tm, W, U), or (gamma, Tm, W, P[, QG, KE]) with the fused output."""
     gam, tm = _prep_tm(st, k, g, beta, cnt, alog, dtb)
     return (gam, tm) + _prep_wu(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm)
 
@@ -751,10 +761,10 @@ def _bwd_walk(st, q, k, gam, cnt, w, do, dsT):
                  cfg.num_stages_walk)(q, k, gam, cnt, w, do, dsT)
 
 
-def _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn):
+def _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn, dqk_dtype):
     outs = (
-        _sds(q.shape, q.dtype),
-        _sds(k.shape, k.dtype),
+        _sds(q.shape, dqk_dtype),
+        _sds(k.shape, dqk_dtype),
         _sds(v.shape, v.dtype),
         _sds((st.B, st.T, st.H), f32),
         _sds((st.B, st.T, st.H), f32),
@@ -767,8 +777,9 @@ def _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dv
 def _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt):
     """(O, final state, residuals or None). Residuals (gamma, Tm, W, h, Vn) when st.residuals."""
     if st.config.fused_output:
-        gam, tm, w, pm = _prep(st, q, k, v, g, beta, cnt, alog, dtb)
-        outs = _fused_walk(st, q, k, v, beta, gam, cnt, tm, w, pm, s0, v.dtype)
+        gam, tm, w, pm, *qk = _prep(st, q, k, v, g, beta, cnt, alog, dtb)
+        qw, kw = qk if qk else (q, k)  # QG, KE when precomputed (config.precompute_qk)
+        outs = _fused_walk(st, qw, kw, v, beta, gam, cnt, tm, w, pm, s0, v.dtype)
         o, sT = outs[:2]
         return o, sT, ((gam, tm, w) + tuple(outs[2:]) if st.residuals else None)
     gam, tm, w, u = _prep(st, q, k, v, g, beta, cnt, alog, dtb)
@@ -796,8 +807,20 @@ def _gdr_bwd(st, res, cts):
     q, k, v, g, beta, alog, dtb, cnt, gam, tm, w, hs, vn = res
     do, dsT = cts
     do = do.astype(v.dtype)
+    qk_pull = None
+    if st.tr.qk_l2norm:
+        # The backward kernels take q, k normalised (one parallel XLA pass) instead of normalising
+        # every tile in fp32 themselves: that doubled the registers of the latency-bound reverse walk
+        # (2.7x slower in training on H200, 2026-11-26). Their dq, dk come back in fp32 and the l2norm
+        # is chained through here, like the gates below.
+        (qn, kn), qk_pull = jax.vjp(lambda a, b: (l2_normalize(a), l2_normalize(b)), q, k)
+        q, k = qn.astype(q.dtype), kn.astype(k.dtype)
+        st = dataclasses.replace(st, tr=dataclasses.replace(st.tr, qk_l2norm=False))
     dh, dvn, ds0 = _bwd_walk(st, q, k, gam, cnt, w, do, dsT.astype(f32))
-    dq, dk, dv, dg_eff, dbeta_eff = _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn)
+    dq, dk, dv, dg_eff, dbeta_eff = _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn,
+                                               f32 if qk_pull else q.dtype)
+    if qk_pull is not None:
+        dq, dk = qk_pull((dq, dk))
     # Chain rule from the effective (g, beta) to the raw inputs: the same helpers the kernels ran.
     if st.tr.gate:
         _, pull = jax.vjp(lambda a, al, db: decay_gate(a, al, db), g, alog, dtb)
