@@ -120,9 +120,9 @@ def test_pallas_dispatch_and_limits():
     PallasConfig(fused_output=False),
     PallasConfig(split_k=True),  # K = 100 as 64 + 32 + 16 column tiles
     PallasConfig(split_k=True, fused_output=False, block_v_fused=16),
-    PallasConfig(precompute_qk=False),  # the walk scales its own q, k tiles
-    PallasConfig(split_k=True, precompute_qk=False),
-], ids=["unfused", "split_k", "split_k_unfused", "walk_scales_qk", "split_k_walk_scales_qk"])
+    PallasConfig(precompute_qk=True),  # gdn_wu writes diag(gq) Q and diag(e) K for the walk
+    PallasConfig(split_k=True, precompute_qk=True),
+], ids=["unfused", "split_k", "split_k_unfused", "precomputed_qk", "split_k_precomputed_qk"])
 def test_pallas_configs_values_and_grads(cfg):
     """The launch variants (fused or separate output kernel, K split or padded) compute the same
     function and gradients as the oracle, at a K that splits into three tiles."""

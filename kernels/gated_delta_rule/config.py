@@ -38,7 +38,9 @@ class PallasConfig:
     num_warps_* / num_stages_*: Triton's knobs per kernel.
     precompute_qk: with the fused output, gdn_wu writes diag(gq) Q and diag(e) K (q, k
         normalised when asked) and the sequential walk feeds them to its state dots as loaded,
-        instead of normalising and scaling its q, k tiles itself on every chunk.
+        instead of normalising and scaling its q, k tiles itself on every chunk. Off by default:
+        with 3 pipeline stages the walk then asked for 238,080 B of shared memory (H200 has
+        232,448; 2026-11-26); with 2 stages it fits (see benchmarks/RESULTS.md).
     fused_output: compute the output inside the forward walk (one kernel, no round trip of the
         chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
         instead of the walk + a parallel output kernel.
@@ -60,7 +62,7 @@ class PallasConfig:
     num_stages_fused: int = 3
     num_warps_wu: int = 4
     num_stages_wu: int = 1
-    precompute_qk: bool = True
+    precompute_qk: bool = False
 
     def __post_init__(self):
         for name in ("block_v_walk", "block_v", "block_v_fused"):
