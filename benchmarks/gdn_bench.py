@@ -405,6 +405,8 @@ BREAKDOWN_CONFIGS = {
     "f_s4": dict(num_stages_fused=4),
     "noprecompute": dict(precompute_qk=False),
     "pre_s2": dict(precompute_qk=True, num_stages_fused=2),
+    "offchain": dict(output_off_chain=True),
+    "offchain_s2": dict(output_off_chain=True, num_stages_fused=2),
     "pre_s2_bv32": dict(precompute_qk=True, num_stages_fused=3, block_v_fused=32),
 }
 

@@ -87,6 +87,40 @@ def test_options_gradients_wrt_raw_inputs(backend):
         assert rel_err(x, r) < 5e-5, (backend, name, rel_err(x, r))
 
 
+@pytest.mark.parametrize("cfg", [dict(output_off_chain=True), dict(precompute_qk=True),
+                                 dict(output_off_chain=True, precompute_qk=True, split_k=True)],
+                         ids=["off_chain", "precomputed_qk", "both_split_k"])
+def test_options_pallas_walk_variants(cfg):
+    """The fused walk's operand variants (gdn_wu writing Q' / P' or diag(gq) Q / diag(e) K from
+    l2-normalised q, k) with the in-kernel transforms: values and every gradient vs the oracle."""
+    from kernels.gated_delta_rule.config import PallasConfig
+    from kernels.gated_delta_rule.gates import InputTransforms
+    from kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
+
+    B, T, H, K, V = 2, 70, 2, 12, 20
+    q, k, v, a, b, A_log, dt_bias, s0 = raw_inputs(8, B, T, H, K, V)
+    seg = make_segments("mixed", B, T)
+    rng = np.random.default_rng(5)
+    ct_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
+    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
+    tr = InputTransforms(qk_l2norm=True, gate=True, beta_sigmoid=True, beta_scale=2.0)
+
+    @jax.jit
+    def run(q, k, v, a, b, A_log, dt_bias, s0):
+        def f(q, k, v, a, b, A_log, dt_bias, s0):
+            return pallas_gated_delta_rule(q, k, v, a, b, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
+                                           transforms=tr, A_log=A_log, dt_bias=dt_bias,
+                                           config=PallasConfig(**cfg))
+        (o, s), pull = jax.vjp(f, q, k, v, a, b, A_log, dt_bias, s0)
+        return (o, s) + tuple(pull((ct_o, ct_s)))
+
+    out = run(q, k, v, a, b, A_log, dt_bias, s0)
+    names = ("o", "state", "dq", "dk", "dv", "da", "db", "dA_log", "ddt_bias", "ds0")
+    for name, x, r in zip(names, out, ref):
+        assert rel_err(x, r) < 5e-5, (cfg, name, rel_err(x, r))
+
+
 def test_options_defaults_leave_inputs_alone():
     B, T, H, K, V = 1, 20, 1, 8, 8
     q, k, v, g, beta, s0 = make_inputs(4, B, T, H, K, V)

@@ -122,7 +122,10 @@ def test_pallas_dispatch_and_limits():
     PallasConfig(split_k=True, fused_output=False, block_v_fused=16),
     PallasConfig(precompute_qk=True),  # gdn_wu writes diag(gq) Q and diag(e) K for the walk
     PallasConfig(split_k=True, precompute_qk=True),
-], ids=["unfused", "split_k", "split_k_unfused", "precomputed_qk", "split_k_precomputed_qk"])
+    PallasConfig(output_off_chain=True),  # O = P' diag(beta) V + Q' S
+    PallasConfig(split_k=True, output_off_chain=True, precompute_qk=True),
+], ids=["unfused", "split_k", "split_k_unfused", "precomputed_qk", "split_k_precomputed_qk", "off_chain",
+        "split_k_off_chain_precomputed"])
 def test_pallas_configs_values_and_grads(cfg):
     """The launch variants (fused or separate output kernel, K split or padded) compute the same
     function and gradients as the oracle, at a K that splits into three tiles."""
@@ -150,10 +153,11 @@ def test_pallas_plain_forward_equals_differentiated_forward():
     """A plain call (no residuals written) and the custom_vjp forward (residuals written) give
     the same output and final state, bit for bit in fp32 and in bf16."""
     B, T, H, K, V = 2, 90, 2, 96, 40
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype, cfg in ((jnp.float32, PallasConfig()), (jnp.bfloat16, PallasConfig()),
+                       (jnp.bfloat16, PallasConfig(output_off_chain=True))):
         q, k, v, g, beta, s0 = make_inputs(4, B, T, H, K, V, dtype=dtype)
         s0 = s0.astype(jnp.float32)
-        f = functools.partial(pallas_gated_delta_rule, scale=K ** -0.5)
+        f = functools.partial(pallas_gated_delta_rule, scale=K ** -0.5, config=cfg)
         o1, s1 = jax.jit(lambda *a: f(*a[:5], initial_state=a[5]))(q, k, v, g, beta, s0)
         (o2, s2), _ = jax.jit(lambda *a: jax.vjp(lambda *b: f(*b[:5], initial_state=b[5]), *a))(
             q, k, v, g, beta, s0)

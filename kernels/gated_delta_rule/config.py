@@ -41,6 +41,9 @@ class PallasConfig:
         instead of normalising and scaling its q, k tiles itself on every chunk. Off by default:
         with 3 pipeline stages the walk then asked for 238,080 B of shared memory (H200 has
         232,448; 2026-11-26); with 2 stages it fits (see benchmarks/RESULTS.md).
+    output_off_chain: with the fused output, gdn_wu writes P' = P Tm and Q' = diag(gq) Q - P W
+        so the walk's output is P' diag(beta) V + Q' S: its dots need only the chunk's inputs and
+        the entering state, not Vn (the sequential chain is W S -> Vn -> K^T Vn -> S).
     fused_output: compute the output inside the forward walk (one kernel, no round trip of the
         chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
         instead of the walk + a parallel output kernel.
@@ -63,6 +66,7 @@ class PallasConfig:
     num_warps_wu: int = 4
     num_stages_wu: int = 1
     precompute_qk: bool = False
+    output_off_chain: bool = False
 
     def __post_init__(self):
         for name in ("block_v_walk", "block_v", "block_v_fused"):

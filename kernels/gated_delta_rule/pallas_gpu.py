@@ -363,7 +363,10 @@ def _wu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
     makes U itself. Dot-heavy [C, C] tiles: its own launch so it can take more warps than
     the 16x16 work of gdn_prep. With ``config.precompute_qk`` (fused walk) it also writes
     QG = diag(gq) Q and KE = diag(e) K (q, k normalised first when asked), the walk's two
-    state-dot operands, so the sequential walk loads them as they are."""
+    state-dot operands, so the sequential walk loads them as they are. With
+    ``config.output_off_chain`` it writes P' = P Tm in P's place and Q' = diag(gq) Q - P W in
+    QG's: since Vn = Tm diag(beta) V - W S, the output P Vn + diag(gq) Q S equals
+    P' diag(beta) V + Q' S, whose dots do not wait for Vn."""
     n = pl.program_id(0)
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
@@ -376,16 +379,26 @@ def _wu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
     ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=fused)
     k = _load_qk(st, k_ref, b, h, t0, C, pieces)
     beta = _beta(st, beta_ref, b, h, t0, C)
-    for (c0, w), ki in zip(pieces, k):
-        _store_tile(w_ref, _mm(tm, (beta * ch.gq)[:, None] * ki, cd), b, h, t0, C, c0, w, st.K)
+    ws = [_mm(tm, (beta * ch.gq)[:, None] * ki, cd) for ki in k]
+    for (c0, w), wi in zip(pieces, ws):
+        _store_tile(w_ref, wi, b, h, t0, C, c0, w, st.K)
     if fused:
+        cfg = st.config
         q = _load_qk(st, q_ref, b, h, t0, C, pieces)
-        _store(up_ref.at[b, h, n], (_mm_pieces(q, k, cd, tb=True) * ch.D).astype(up_ref.dtype))
-        if qk_refs:
-            qg_ref, ke_ref = qk_refs
-            for (c0, w), qi, ki in zip(pieces, q, k):
-                _store_tile(qg_ref, ch.gq[:, None] * qi, b, h, t0, C, c0, w, st.K)
-                _store_tile(ke_ref, ch.to_end[:, None] * ki, b, h, t0, C, c0, w, st.K)
+        pm = _mm_pieces(q, k, cd, tb=True) * ch.D
+        qgs = [ch.gq[:, None] * qi for qi in q]
+        if cfg.output_off_chain:
+            qgs = [qg - _mm(pm, wi, cd) for qg, wi in zip(qgs, ws)]
+            pm = _mm(pm, tm, cd)
+        _store(up_ref.at[b, h, n], pm.astype(up_ref.dtype))
+        refs = list(qk_refs)
+        if cfg.output_off_chain or cfg.precompute_qk:
+            qg_ref = refs.pop(0)
+            for (c0, w), qg in zip(pieces, qgs):
+                _store_tile(qg_ref, qg, b, h, t0, C, c0, w, st.K)
+        if cfg.precompute_qk:
+            for (c0, w), ki in zip(pieces, k):
+                _store_tile(refs[0], ch.to_end[:, None] * ki, b, h, t0, C, c0, w, st.K)
         return
     for vb in range(st.NVp):
         v0 = vb * st.BVp
@@ -488,6 +501,7 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
     Per chunk (S = state entering it, as tiles S_i [w_i, BVw] fp32; Tm, W, P from prep):
         Vn  = Tm diag(beta) V - sum_i W_i S_i
         O   = scale (P Vn + sum_i diag(gq) Q_i S_i)
+            = scale (P' diag(beta) V + sum_i Q'_i S_i)    (config.output_off_chain)
         S_i = d S_i + (diag(e) K_i)^T Vn
     U = Tm diag(beta) V is made here (it does not depend on the state, and making it costs
     less than a round trip of U through HBM); only W S and the state update are on the
@@ -502,6 +516,7 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
     cd = st.cdt
     pieces = st.kpieces
     pre = st.config.precompute_qk
+    off = st.config.output_off_chain
     vmask = ((v0 + jnp.arange(BV)) < st.V)[None, :]
 
     def smask(c0, w):
@@ -518,20 +533,21 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
         gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
         ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=False)
         v = _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V).astype(f32)
-        Vn = _mm(_load(tm_ref.at[b, h, n]), _beta(st, beta_ref, b, h, t0, C)[:, None] * v, cd)  # U
+        bv = _beta(st, beta_ref, b, h, t0, C)[:, None] * v
+        Vn = _mm(_load(tm_ref.at[b, h, n]), bv, cd)  # U
         Vn = Vn - _mm_pieces([_load_tile(w_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces], S, cd)
-        if pre:  # q_ref / k_ref hold QG = diag(gq) Q and KE = diag(e) K (gdn_wu), [B, H, N*C, K]
+        if pre or off:  # q_ref holds QG = diag(gq) Q, or Q' (off chain), [B, H, N*C, K] from gdn_wu
             qgs = [_load_tile(q_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]
         else:
             qgs = [ch.gq[:, None] * qi for qi in _load_qk(st, q_ref, b, h, t0, C, pieces)]
-        o = _mm(_load(p_ref.at[b, h, n]), Vn, cd) + _mm_pieces(qgs, S, cd)
+        o = _mm(_load(p_ref.at[b, h, n]), bv if off else Vn, cd) + _mm_pieces(qgs, S, cd)
         _store_rows(o_ref, st.scale * o, b, h, t0, C, v0, BV, st.T, st.V)
         if st.residuals:
             h_ref, vn_ref = res_refs
             for (c0, w), Si in zip(pieces, S):
                 _store(state_ref(h_ref, b, h, n, c0=c0, w=w), Si.astype(h_ref.dtype), mask=smask(c0, w))
             _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
-        if pre:
+        if pre:  # k_ref holds KE = diag(e) K
             kes = [_load_tile(k_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]
         else:
             kes = [ch.to_end[:, None] * ki for ki in _load_qk(st, k_ref, b, h, t0, C, pieces)]
@@ -707,14 +723,16 @@ def _prep_wu(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm):
         _sds((st.B, st.H, st.N, C, C), st.cdt) if cfg.fused_output  # P = Q K^T * D
         else _sds((st.B, st.H, st.N * C, st.V), st.cdt),  # U
     )
+    if cfg.fused_output and (cfg.precompute_qk or cfg.output_off_chain):
+        outs += (_sds((st.B, st.H, st.N * C, st.K), st.cdt),)  # QG = diag(gq) Q, or Q' = QG - P W
     if cfg.fused_output and cfg.precompute_qk:
-        outs += (_sds((st.B, st.H, st.N * C, st.K), st.cdt),) * 2  # QG = diag(gq) Q, KE = diag(e) K
+        outs += (_sds((st.B, st.H, st.N * C, st.K), st.cdt),)  # KE = diag(e) K
     return tuple(_call(_wu_kernel, st, (st.N, st.B * st.H), outs, "gdn_wu", cfg.num_warps_wu, cfg.num_stages_wu)(
         q, k, v, g, beta, cnt, alog, dtb, gam, tm))
 
 
 def _prep(st, q, k, v, g, beta, cnt, alog, dtb):
-    """(gamma, Tm, W, U), or (gamma, Tm, W, P[, QG, KE]) with the fused output."""
+    """(gamma, Tm, W, U), or (gamma, Tm, W, P or P'[, QG or Q'][, KE]) with the fused output."""
     gam, tm = _prep_tm(st, k, g, beta, cnt, alog, dtb)
     return (gam, tm) + _prep_wu(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm)
 
@@ -780,7 +798,8 @@ def _forward(st, q, k, v, g, beta, s0, alog, dtb, cnt):
     """(O, final state, residuals or None). Residuals (gamma, Tm, W, h, Vn) when st.residuals."""
     if st.config.fused_output:
         gam, tm, w, pm, *qk = _prep(st, q, k, v, g, beta, cnt, alog, dtb)
-        qw, kw = qk if qk else (q, k)  # QG, KE when precomputed (config.precompute_qk)
+        qw = qk.pop(0) if (st.config.precompute_qk or st.config.output_off_chain) else q  # QG or Q'
+        kw = qk.pop(0) if st.config.precompute_qk else k  # KE
         outs = _fused_walk(st, qw, kw, v, beta, gam, cnt, tm, w, pm, s0, v.dtype)
         o, sT = outs[:2]
         return o, sT, ((gam, tm, w) + tuple(outs[2:]) if st.residuals else None)
