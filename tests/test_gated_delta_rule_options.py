@@ -44,14 +44,22 @@ def np_transforms(q, k, a, b, A_log, dt_bias, beta_scale):
 OPTS = dict(use_qk_l2norm_in_kernel=True, beta_sigmoid=True, beta_scale=2.0)
 
 
+GRAD_NAMES = ("o", "state", "dq", "dk", "dv", "da", "db", "dA_log", "ddt_bias", "ds0")
+
+
+def vjp_all_raw(f, q, k, v, a, b, A_log, dt_bias, s0, ct_o, ct_s):
+    """(o, state) of f(q, k, v, a, b, A_log, dt_bias, s0) and its vjp for every input (GRAD_NAMES)."""
+    (o, s), pull = jax.vjp(f, q, k, v, a, b, A_log, dt_bias, s0)
+    return (o, s) + tuple(pull((ct_o, ct_s)))
+
+
 @functools.partial(jax.jit, static_argnames=("backend",))
 def run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, *, backend):
     def f(q, k, v, a, b, A_log, dt_bias, s0):
         return gated_delta_rule(q, k, v, a, b, initial_state=s0, segment_ids=seg, output_final_state=True,
                                 backend=backend, A_log=A_log, dt_bias=dt_bias, **OPTS)
 
-    (o, s), pull = jax.vjp(f, q, k, v, a, b, A_log, dt_bias, s0)
-    return (o, s) + tuple(pull((ct_o, ct_s)))
+    return vjp_all_raw(f, q, k, v, a, b, A_log, dt_bias, s0, ct_o, ct_s)
 
 
 def test_options_values_match_independent_reference():
@@ -80,8 +88,7 @@ def test_options_gradients_wrt_raw_inputs(backend):
     ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
     ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
     out = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend=backend)
-    names = ("o", "state", "dq", "dk", "dv", "da", "db", "dA_log", "ddt_bias", "ds0")
-    for name, x, r in zip(names, out, ref):
+    for name, x, r in zip(GRAD_NAMES, out, ref):
         assert np.all(np.isfinite(np.asarray(x))), name
         assert float(np.abs(np.asarray(r)).max()) > 0, name  # a gradient that could be wrong
         assert rel_err(x, r) < 5e-5, (backend, name, rel_err(x, r))
@@ -106,18 +113,12 @@ def test_options_pallas_walk_variants(cfg):
     ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
     tr = InputTransforms(qk_l2norm=True, gate=True, beta_sigmoid=True, beta_scale=2.0)
 
-    @jax.jit
-    def run(q, k, v, a, b, A_log, dt_bias, s0):
-        def f(q, k, v, a, b, A_log, dt_bias, s0):
-            return pallas_gated_delta_rule(q, k, v, a, b, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
-                                           transforms=tr, A_log=A_log, dt_bias=dt_bias,
-                                           config=PallasConfig(**cfg))
-        (o, s), pull = jax.vjp(f, q, k, v, a, b, A_log, dt_bias, s0)
-        return (o, s) + tuple(pull((ct_o, ct_s)))
+    def f(q, k, v, a, b, A_log, dt_bias, s0):
+        return pallas_gated_delta_rule(q, k, v, a, b, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
+                                       transforms=tr, A_log=A_log, dt_bias=dt_bias, config=PallasConfig(**cfg))
 
-    out = run(q, k, v, a, b, A_log, dt_bias, s0)
-    names = ("o", "state", "dq", "dk", "dv", "da", "db", "dA_log", "ddt_bias", "ds0")
-    for name, x, r in zip(names, out, ref):
+    out = jax.jit(functools.partial(vjp_all_raw, f))(q, k, v, a, b, A_log, dt_bias, s0, ct_o, ct_s)
+    for name, x, r in zip(GRAD_NAMES, out, ref):
         assert rel_err(x, r) < 5e-5, (cfg, name, rel_err(x, r))
 
 
