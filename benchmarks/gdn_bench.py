@@ -408,6 +408,10 @@ BREAKDOWN_CONFIGS = {
     "offchain": dict(output_off_chain=True),
     "offchain_s2": dict(output_off_chain=True, num_stages_fused=2),
     "pre_s2_bv32": dict(precompute_qk=True, num_stages_fused=3, block_v_fused=32),
+    "sad": dict(scale_after_dot=True),
+    "pf": dict(prefetch_fused=True),
+    "sad_pf": dict(scale_after_dot=True, prefetch_fused=True),
+    "sad_pf_s2": dict(scale_after_dot=True, prefetch_fused=True, num_stages_fused=2),
 }
 
 

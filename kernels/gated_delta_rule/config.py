@@ -44,6 +44,13 @@ class PallasConfig:
     output_off_chain: with the fused output, gdn_wu writes P' = P Tm and Q' = diag(gq) Q - P W
         so the walk's output is P' diag(beta) V + Q' S: its dots need only the chunk's inputs and
         the entering state, not Vn (the sequential chain is W S -> Vn -> K^T Vn -> S).
+    scale_after_dot: in the fused walk, q and k feed the state dots as loaded and their row
+        factors (decays, and the l2 norms when the kernels normalise) scale the dots' results:
+        diag(gq) (Q S) and K^T diag(e) Vn, instead of diag(gq) Q and diag(e) K first. A load that
+        feeds a dot directly is one Triton's pipeliner prefetches.
+    prefetch_fused: the fused walk loads chunk n + 1's gamma, beta and V tile at the top of
+        chunk n and carries them in registers (their first uses are elementwise, so the
+        pipeliner does not prefetch them).
     fused_output: compute the output inside the forward walk (one kernel, no round trip of the
         chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
         instead of the walk + a parallel output kernel.
@@ -67,6 +74,8 @@ class PallasConfig:
     num_stages_wu: int = 1
     precompute_qk: bool = False
     output_off_chain: bool = False
+    scale_after_dot: bool = False
+    prefetch_fused: bool = False
 
     def __post_init__(self):
         for name in ("block_v_walk", "block_v", "block_v_fused"):

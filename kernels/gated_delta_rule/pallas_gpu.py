@@ -288,15 +288,21 @@ def _store_tile(ref, val, b, h, r0, n, c0, w, width):
     _store(ref.at[b, h, pl.ds(r0, n), pl.ds(_dyn(c0, b), w)], val.astype(ref.dtype), mask=m)
 
 
+def _load_qk_raw(st, ref, b, h, t0, n, pieces):
+    """(tiles as loaded, one per K piece; the rows' l2-normalising factors [n] fp32, or None
+    when the kernels do not normalise): normalised rows are diag(r) x."""
+    xs = [_load_rows(ref, b, h, t0, n, c0, w, st.T, st.K) for c0, w in pieces]
+    if not st.tr.qk_l2norm:
+        return xs, None
+    r = jax.lax.rsqrt(sum(jnp.sum(jnp.square(x.astype(f32)), axis=1) for x in xs) + L2NORM_EPS)
+    return xs, r
+
+
 def _load_qk(st, ref, b, h, t0, n, pieces):
     """q or k rows t0..t0+n as column tiles (one per K piece), l2-normalised over all of K
     (fp32) when asked."""
-    xs = [_load_rows(ref, b, h, t0, n, c0, w, st.T, st.K) for c0, w in pieces]
-    if not st.tr.qk_l2norm:
-        return xs
-    xs = [x.astype(f32) for x in xs]
-    r = jax.lax.rsqrt(sum(jnp.sum(x * x, axis=1) for x in xs) + L2NORM_EPS)[:, None]
-    return [x * r for x in xs]
+    xs, r = _load_qk_raw(st, ref, b, h, t0, n, pieces)
+    return xs if r is None else [x.astype(f32) * r[:, None] for x in xs]
 
 
 def _mm_pieces(xs, ys, cd, **kw):
@@ -517,6 +523,8 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
     pieces = st.kpieces
     pre = st.config.precompute_qk
     off = st.config.output_off_chain
+    raw = st.config.scale_after_dot
+    prefetch = st.config.prefetch_fused
     vmask = ((v0 + jnp.arange(BV)) < st.V)[None, :]
 
     def smask(c0, w):
@@ -528,19 +536,34 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
     S0 = tuple(_load(state_ref(s0_ref, b, h, c0=c0, w=w), mask=smask(c0, w), other=0).astype(f32)
                for c0, w in pieces)
 
-    def body(n, S):
+    def small(n):  # the chunk's vector loads and its V tile
         t0 = _dyn(n, b) * C  # never a static start: the last chunk may run past T
-        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
-        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma, need_d=False)
-        v = _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V).astype(f32)
-        bv = _beta(st, beta_ref, b, h, t0, C)[:, None] * v
+        return (_load(gam_ref.at[b, h, pl.ds(t0, C)]),
+                _load_cnt(st, cnt_ref, b, t0, C) if st.has_seg else jnp.zeros((C,), jnp.int32),
+                _beta(st, beta_ref, b, h, t0, C),
+                _load_rows(v_ref, b, h, t0, C, v0, BV, st.T, st.V))
+
+    def body(n, carry):
+        if prefetch:  # issue chunk n + 1's loads now; their latency hides behind chunk n's dots
+            S, cur = carry
+            nxt = small(jnp.minimum(n + 1, st.N - 1))
+        else:
+            S, cur, nxt = carry, small(n), None
+        t0 = _dyn(n, b) * C
+        gamma, cnt, beta, v = cur
+        ch = _Chunk(st, None, cnt if st.has_seg else None, gamma=gamma, need_d=False)
+        bv = beta[:, None] * v.astype(f32)
         Vn = _mm(_load(tm_ref.at[b, h, n]), bv, cd)  # U
         Vn = Vn - _mm_pieces([_load_tile(w_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces], S, cd)
+        pv = _mm(_load(p_ref.at[b, h, n]), bv if off else Vn, cd)
         if pre or off:  # q_ref holds QG = diag(gq) Q, or Q' (off chain), [B, H, N*C, K] from gdn_wu
-            qgs = [_load_tile(q_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]
+            o = pv + _mm_pieces([_load_tile(q_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces], S, cd)
+        elif raw:  # diag(gq r) (Q S): q feeds the dot as loaded
+            qs, rq = _load_qk_raw(st, q_ref, b, h, t0, C, pieces)
+            gq = ch.gq if rq is None else ch.gq * rq
+            o = pv + gq[:, None] * _mm_pieces(qs, S, cd)
         else:
-            qgs = [ch.gq[:, None] * qi for qi in _load_qk(st, q_ref, b, h, t0, C, pieces)]
-        o = _mm(_load(p_ref.at[b, h, n]), bv if off else Vn, cd) + _mm_pieces(qgs, S, cd)
+            o = pv + _mm_pieces([ch.gq[:, None] * qi for qi in _load_qk(st, q_ref, b, h, t0, C, pieces)], S, cd)
         _store_rows(o_ref, st.scale * o, b, h, t0, C, v0, BV, st.T, st.V)
         if st.residuals:
             h_ref, vn_ref = res_refs
@@ -548,12 +571,19 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
                 _store(state_ref(h_ref, b, h, n, c0=c0, w=w), Si.astype(h_ref.dtype), mask=smask(c0, w))
             _store_tile(vn_ref, Vn, b, h, t0, C, v0, BV, st.V)
         if pre:  # k_ref holds KE = diag(e) K
-            kes = [_load_tile(k_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]
+            upd = [_mm(ke, Vn, cd, ta=True) for ke in
+                   [_load_tile(k_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]]
+        elif raw:  # K^T diag(e r) Vn: k feeds the dot as loaded
+            ks, rk = _load_qk_raw(st, k_ref, b, h, t0, C, pieces)
+            te = ch.to_end if rk is None else ch.to_end * rk
+            upd = [_mm(ki, te[:, None] * Vn, cd, ta=True) for ki in ks]
         else:
-            kes = [ch.to_end[:, None] * ki for ki in _load_qk(st, k_ref, b, h, t0, C, pieces)]
-        return tuple(ch.decay * Si + _mm(ke, Vn, cd, ta=True) for ke, Si in zip(kes, S))
+            upd = [_mm(ch.to_end[:, None] * ki, Vn, cd, ta=True) for ki in _load_qk(st, k_ref, b, h, t0, C, pieces)]
+        S = tuple(ch.decay * Si + u for u, Si in zip(upd, S))
+        return (S, nxt) if prefetch else S
 
-    S = jax.lax.fori_loop(0, st.N, body, S0)
+    S = jax.lax.fori_loop(0, st.N, body, (S0, small(0)) if prefetch else S0)
+    S = S[0] if prefetch else S
     for (c0, w), Si in zip(pieces, S):
         _store(state_ref(st_ref, b, h, c0=c0, w=w), Si, mask=smask(c0, w))
 
