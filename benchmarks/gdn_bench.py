@@ -408,10 +408,11 @@ BREAKDOWN_CONFIGS = {
     "offchain": dict(output_off_chain=True),
     "offchain_s2": dict(output_off_chain=True, num_stages_fused=2),
     "pre_s2_bv32": dict(precompute_qk=True, num_stages_fused=3, block_v_fused=32),
-    "sad": dict(scale_after_dot=True),
-    "pf": dict(prefetch_fused=True),
-    "sad_pf": dict(scale_after_dot=True, prefetch_fused=True),
-    "sad_pf_s2": dict(scale_after_dot=True, prefetch_fused=True, num_stages_fused=2),
+    # the fused walk's loads (defaults since 2026-11-27: scale_after_dot and prefetch_fused on)
+    "no_sad_pf": dict(scale_after_dot=False, prefetch_fused=False),
+    "sad_only": dict(prefetch_fused=False),  # overflows shared memory at 3 stages (239,104 B, H200)
+    "pf_only": dict(scale_after_dot=False),
+    "sad_pf_s2": dict(num_stages_fused=2),
 }
 
 
@@ -449,7 +450,7 @@ def _breakdown(args, log, cfg_name):
     do = out(q, k, gam, hs, vn)
     bwalk = jax.jit(lambda q, k, gam, w, do, sT: pg._bwd_walk(st, q, k, gam, cnt, w, do, sT))
     dh, dvn, _ = bwalk(q, k, gam, w, do, sT)
-    grads = jax.jit(lambda *a: pg._bwd_grads(st, q, k, v, g, beta, cnt, z, z, *a))
+    grads = jax.jit(lambda *a: pg._bwd_grads(st, q, k, v, g, beta, cnt, z, z, *a, q.dtype))
     n = B * T * H
     io = 2 * (2 * K + V) + 8  # q, k, v bf16 + g, beta fp32 per token-head
     hb = hs.size * 2

@@ -124,11 +124,11 @@ def test_pallas_dispatch_and_limits():
     PallasConfig(split_k=True, precompute_qk=True),
     PallasConfig(output_off_chain=True),  # O = P' diag(beta) V + Q' S
     PallasConfig(split_k=True, output_off_chain=True, precompute_qk=True),
-    PallasConfig(scale_after_dot=True),  # diag(gq) (Q S), K^T diag(e) Vn
-    PallasConfig(prefetch_fused=True),  # chunk n + 1's gamma, beta, V carried into chunk n + 1
-    PallasConfig(split_k=True, scale_after_dot=True, prefetch_fused=True),
+    PallasConfig(scale_after_dot=False, prefetch_fused=False),  # diag(gq) Q and diag(e) K into the dots
+    PallasConfig(scale_after_dot=False),  # prefetch alone
+    PallasConfig(split_k=True, prefetch_fused=False),  # scale_after_dot alone
 ], ids=["unfused", "split_k", "split_k_unfused", "precomputed_qk", "split_k_precomputed_qk", "off_chain",
-        "split_k_off_chain_precomputed", "scale_after_dot", "prefetch", "split_k_scale_after_dot_prefetch"])
+        "split_k_off_chain_precomputed", "scale_before_dot", "prefetch_only", "split_k_no_prefetch"])
 def test_pallas_configs_values_and_grads(cfg):
     """The launch variants (fused or separate output kernel, K split or padded) compute the same
     function and gradients as the oracle, at a K that splits into three tiles."""
@@ -158,7 +158,7 @@ def test_pallas_plain_forward_equals_differentiated_forward():
     B, T, H, K, V = 2, 90, 2, 96, 40
     for dtype, cfg in ((jnp.float32, PallasConfig()), (jnp.bfloat16, PallasConfig()),
                        (jnp.bfloat16, PallasConfig(output_off_chain=True)),
-                       (jnp.bfloat16, PallasConfig(scale_after_dot=True, prefetch_fused=True))):
+                       (jnp.bfloat16, PallasConfig(scale_after_dot=False, prefetch_fused=False))):
         q, k, v, g, beta, s0 = make_inputs(4, B, T, H, K, V, dtype=dtype)
         s0 = s0.astype(jnp.float32)
         f = functools.partial(pallas_gated_delta_rule, scale=K ** -0.5, config=cfg)

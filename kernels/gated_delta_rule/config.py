@@ -50,7 +50,9 @@ class PallasConfig:
         feeds a dot directly is one Triton's pipeliner prefetches.
     prefetch_fused: the fused walk loads chunk n + 1's gamma, beta and V tile at the top of
         chunk n and carries them in registers (their first uses are elementwise, so the
-        pipeliner does not prefetch them).
+        pipeliner does not prefetch them). The two together: forward 1.707 vs 1.916 ms at
+        1 x 32768 x 30 x 96 x 192 (H200, one command, 2026-11-27; benchmarks/RESULTS.md);
+        scale_after_dot alone asks for 239,104 B of shared memory at 3 stages (over the card's).
     fused_output: compute the output inside the forward walk (one kernel, no round trip of the
         chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
         instead of the walk + a parallel output kernel.
@@ -74,8 +76,8 @@ class PallasConfig:
     num_stages_wu: int = 1
     precompute_qk: bool = False
     output_off_chain: bool = False
-    scale_after_dot: bool = False
-    prefetch_fused: bool = False
+    scale_after_dot: bool = True
+    prefetch_fused: bool = True
 
     def __post_init__(self):
         for name in ("block_v_walk", "block_v", "block_v_fused"):
