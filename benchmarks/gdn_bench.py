@@ -492,9 +492,15 @@ if __name__ == "__main__":
     ap.add_argument("--fla-kernels", action="store_true", help="FLA's forward kernel by kernel (torch profiler)")
     ap.add_argument("--fwd-only-variants", action="store_true", help="time pallas[...] rows forward only")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of this script at small shapes")
+    ap.add_argument("--shapes", default=None, help="comma list of indices into SHAPES (default: all)")
     a = ap.parse_args()
     if a.tiny:
         SHAPES[:] = [(1, 130, 2, 96, 192), (2, 70, 2, 12, 20)]
+    if a.shapes:
+        try:
+            SHAPES[:] = [SHAPES[int(i)] for i in a.shapes.split(",")]
+        except (ValueError, IndexError):
+            ap.error(f"--shapes takes indices 0..{len(SHAPES) - 1} of {SHAPES}, got {a.shapes!r}")
     BREAKDOWN_SET = () if a.breakdown == "none" else tuple(a.breakdown.split(","))
     FWD_ONLY_VARIANTS = a.fwd_only_variants
     if a.fla_kernels:
