@@ -126,6 +126,34 @@ def test_options_pallas_walk_variants(cfg):
         assert rel_err(x, r) < 5e-5, (cfg, name, rel_err(x, r))
 
 
+def test_options_pallas_float16_small_norm_keys():
+    """fp16 operands with the in-kernel l2norm. Forward: keys of norm ~1e-4 (1 / |k| ~ 2e3) and
+    values of ~300 must not overflow fp16 inside the kernels (the walk scales Vn by 1 / |k| only for
+    16-bit formats with fp32's exponent range). Gradients at keys of norm ~1e-2 and values of ~30
+    (at 1e-4 the true dk exceeds fp16's range in every backend). Both vs the oracle on the same fp16 inputs."""
+    B, T, H, K, V = 1, 70, 2, 12, 20
+    q, k, v, a, b, A_log, dt_bias, s0 = raw_inputs(8, B, T, H, K, V)
+    seg = make_segments("mixed", B, T)
+    q = q.astype(jnp.float16)
+    for backend in ("sequential", "pallas"):
+        o, s = gated_delta_rule(q, (k * 1e-4).astype(jnp.float16), (v * 300).astype(jnp.float16), a, b, initial_state=s0, segment_ids=seg,
+                                output_final_state=True, backend=backend, A_log=A_log, dt_bias=dt_bias, **OPTS)
+        assert o.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(o, np.float32))), backend
+        if backend == "sequential":
+            o_ref, s_ref = o, s
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(s, s_ref) < 1e-2, (rel_err(o, o_ref), rel_err(s, s_ref))
+
+    rng = np.random.default_rng(6)
+    ct_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float16)
+    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    k, v = (k * 1e-2).astype(jnp.float16), (v * 30).astype(jnp.float16)
+    ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
+    out = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="pallas")
+    for name, x, r in zip(GRAD_NAMES, out, ref):
+        assert np.all(np.isfinite(np.asarray(x, np.float32))), name
+        assert rel_err(x, r) < 1e-2, (name, rel_err(x, r))
+
+
 def test_options_defaults_leave_inputs_alone():
     B, T, H, K, V = 1, 20, 1, 8, 8
     q, k, v, g, beta, s0 = make_inputs(4, B, T, H, K, V)

@@ -47,7 +47,8 @@ class PallasConfig:
     scale_after_dot: in the fused walk, q and k feed the state dots as loaded and their row
         factors (decays, and the l2 norms when the kernels normalise) scale the dots' results:
         diag(gq) (Q S) and K^T diag(e) Vn, instead of diag(gq) Q and diag(e) K first. A load that
-        feeds a dot directly is one Triton's pipeliner prefetches.
+        feeds a dot directly is one Triton's pipeliner prefetches. (fp16 operands with the
+        in-kernel l2norm keep normalising k first: 1 / |k| times Vn could overflow fp16.)
     prefetch_fused: the fused walk loads chunk n + 1's gamma, beta and V tile at the top of
         chunk n and carries them in registers (their first uses are elementwise, so the
         pipeliner does not prefetch them). The two together: forward 1.707 vs 1.916 ms at

@@ -524,6 +524,9 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
     pre = st.config.precompute_qk
     off = st.config.output_off_chain
     raw = st.config.scale_after_dot
+    # fp16 operands: diag(e r) Vn with r = 1 / |k| could overflow fp16 for small-norm keys, so the
+    # normalised k is formed first there (bf16 and fp32 have fp32's exponent range)
+    raw_k = raw and not (st.tr.qk_l2norm and st.cd == "float16")
     prefetch = st.config.prefetch_fused
     vmask = ((v0 + jnp.arange(BV)) < st.V)[None, :]
 
@@ -573,7 +576,7 @@ def _fused_walk_kernel(q_ref, k_ref, v_ref, beta_ref, gam_ref, cnt_ref, tm_ref, 
         if pre:  # k_ref holds KE = diag(e) K
             upd = [_mm(ke, Vn, cd, ta=True) for ke in
                    [_load_tile(k_ref, b, h, t0, C, c0, w, st.K) for c0, w in pieces]]
-        elif raw:  # K^T diag(e r) Vn: k feeds the dot as loaded
+        elif raw_k:  # K^T diag(e r) Vn: k feeds the dot as loaded
             ks, rk = _load_qk_raw(st, k_ref, b, h, t0, C, pieces)
             te = ch.to_end if rk is None else ch.to_end * rk
             upd = [_mm(ki, te[:, None] * Vn, cd, ta=True) for ki in ks]
