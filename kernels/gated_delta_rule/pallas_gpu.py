@@ -29,8 +29,12 @@ gdn_wu         grid (N, B*H), parallel: W = Tm diag(beta gq) K and either P = Q 
                output, the default) or U = Tm diag(beta) V (separate output kernel).
 gdn_fwd_walk_out  (``PallasConfig.fused_output``, the default) grid (V-blocks of block_v_fused,
                B*H), sequential over chunks, the fp32 state in registers. Per chunk:
-               U = Tm diag(beta) V, Vn = U - W S, O = scale (P Vn + diag(gq) Q S),
-               S = d S + (diag(e) K)^T Vn; only W S and the update are on the sequential path.
+               U = Tm diag(beta) V, Vn = U - W S, O = scale (P Vn + diag(gq) (Q S)),
+               S = d S + K^T (diag(e) Vn); only W S and the update are on the sequential path.
+               q and k feed the dots as loaded and their row factors (decays; with the in-kernel
+               l2norm also 1/|q|, 1/|k|) scale the dots' results (``scale_after_dot``): Triton's
+               pipeliner prefetches only loads that feed a dot. gamma, beta and the V tile of
+               chunk n + 1 are loaded during chunk n and carried (``prefetch_fused``).
                A plain forward writes O and the final state only; the custom_vjp forward also
                writes h[n] = S and Vn for the backward.
 gdn_fwd_walk   (unfused) grid (V-blocks of block_v_walk, B*H), sequential: h[n] = S (stored),
