@@ -413,9 +413,6 @@ BREAKDOWN_CONFIGS = {
     "sad_only": dict(prefetch_fused=False),  # overflows shared memory at 3 stages (239,104 B, H200)
     "pf_only": dict(scale_after_dot=False),
     "sad_pf_s2": dict(num_stages_fused=2),
-    "bsad": dict(scale_after_dot_bwd=True),
-    "bpf": dict(prefetch_bwd=True),
-    "bsad_bpf": dict(scale_after_dot_bwd=True, prefetch_bwd=True),
 }
 
 

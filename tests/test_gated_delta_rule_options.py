@@ -97,9 +97,9 @@ def test_options_gradients_wrt_raw_inputs(backend):
 @pytest.mark.parametrize("cfg", [dict(output_off_chain=True), dict(precompute_qk=True),
                                  dict(output_off_chain=True, precompute_qk=True, split_k=True),
                                  dict(scale_after_dot=False, prefetch_fused=False),
-                                 dict(split_k=True), dict(scale_after_dot_bwd=True, prefetch_bwd=True)],
+                                 dict(split_k=True)],
                          ids=["off_chain", "precomputed_qk", "both_split_k", "scale_before_dot",
-                              "default_split_k", "bwd_scale_after_dot_prefetch"])
+                              "default_split_k"])
 def test_options_pallas_walk_variants(cfg):
     """The fused walk's operand variants (gdn_wu writing Q' / P' or diag(gq) Q / diag(e) K from
     l2-normalised q, k; normalised tiles into the dots, or raw tiles with the norms scaling

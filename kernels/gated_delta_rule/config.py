@@ -54,8 +54,6 @@ class PallasConfig:
         pipeliner does not prefetch them). The two together: forward 1.707 vs 1.916 ms at
         1 x 32768 x 30 x 96 x 192 (H200, one command, 2026-11-27; benchmarks/RESULTS.md);
         scale_after_dot alone asks for 239,104 B of shared memory at 3 stages (over the card's).
-    scale_after_dot_bwd / prefetch_bwd: the same two changes in the backward walk (q, k into its
-        dots as loaded, the decays scaling K dS' and dO; the next chunk's gamma carried).
     fused_output: compute the output inside the forward walk (one kernel, no round trip of the
         chunk states h and Vn through HBM; a plain forward then writes no residuals at all)
         instead of the walk + a parallel output kernel.
@@ -81,8 +79,6 @@ class PallasConfig:
     output_off_chain: bool = False
     scale_after_dot: bool = True
     prefetch_fused: bool = True
-    scale_after_dot_bwd: bool = False
-    prefetch_bwd: bool = False
 
     def __post_init__(self):
         for name in ("block_v_walk", "block_v", "block_v_fused"):

@@ -612,42 +612,22 @@ def _bwd_walk_kernel(q_ref, k_ref, gam_ref, cnt_ref, w_ref, do_ref, dst_ref, dh_
     smask = (jnp.arange(st.KP) < st.K)[:, None] & ((v0 + jnp.arange(BV)) < st.V)[None, :]
     dS0 = _load(dst_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], mask=smask, other=0).astype(f32)
 
-    raw = st.config.scale_after_dot_bwd
-    prefetch = st.config.prefetch_bwd
-
-    def small(n):  # the chunk's gamma and segment index (first uses elementwise: not pipelined)
-        t0 = n * C
-        return (_load(gam_ref.at[b, h, pl.ds(t0, C)]),
-                _load_cnt(st, cnt_ref, b, t0, C) if st.has_seg else jnp.zeros((C,), jnp.int32))
-
-    def body(i, carry):
+    def body(i, dS):
         n = st.N - 1 - i
-        if prefetch:  # chunk n - 1's vectors load now, behind chunk n's dots
-            dS, cur = carry
-            nxt = small(jnp.maximum(n - 1, 0))
-        else:
-            dS, cur, nxt = carry, small(n), None
         t0 = n * C
-        gamma, cnt = cur
         q = _load_rows(q_ref, b, h, t0, C, 0, st.KP, st.T, st.K)  # l2-normalised already (see _gdr_bwd)
         k = _load_rows(k_ref, b, h, t0, C, 0, st.KP, st.T, st.K)
-        ch = _Chunk(st, None, cnt if st.has_seg else None, gamma=gamma)
+        gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
+        ch = _Chunk(st, None, _load_cnt(st, cnt_ref, b, t0, C), gamma=gamma)
         W = _load_tile(w_ref, b, h, t0, C, 0, st.KP, st.K)
         do = _load_rows(do_ref, b, h, t0, C, v0, BV, st.T, st.V)
         _store(dh_ref.at[b, h, n, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS.astype(dh_ref.dtype), mask=smask)
         P = st.scale * _mm(q, k, cd, tb=True) * ch.D
-        if raw:  # q, k feed the dots as loaded; their row factors scale dS's product and dO
-            dVn = _mm(P, do, cd, ta=True) + ch.to_end[:, None] * _mm(k, dS, cd)
-            qdo = _mm(q, (st.scale * ch.gq)[:, None] * do.astype(f32), cd, ta=True)
-        else:
-            dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
-            qdo = _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True)
+        dVn = _mm(P, do, cd, ta=True) + _mm(ch.to_end[:, None] * k, dS, cd)
         _store_tile(dvn_ref, dVn, b, h, t0, C, v0, BV, st.V)
-        dS = ch.decay * dS + qdo - _mm(W, dVn, cd, ta=True)
-        return (dS, nxt) if prefetch else dS
+        return ch.decay * dS + _mm((st.scale * ch.gq)[:, None] * q, do, cd, ta=True) - _mm(W, dVn, cd, ta=True)
 
-    dS = jax.lax.fori_loop(0, st.N, body, (dS0, small(st.N - 1)) if prefetch else dS0)
-    dS = dS[0] if prefetch else dS
+    dS = jax.lax.fori_loop(0, st.N, body, dS0)
     _store(ds0_ref.at[b, h, pl.ds(_dyn(0, b), st.KP), pl.ds(_dyn(v0, b), BV)], dS, mask=smask)
 
 
