@@ -413,8 +413,6 @@ BREAKDOWN_CONFIGS = {
     "sad_only": dict(prefetch_fused=False),  # overflows shared memory at 3 stages (239,104 B, H200)
     "pf_only": dict(scale_after_dot=False),
     "sad_pf_s2": dict(num_stages_fused=2),
-    "psplit": dict(split_k_prep=True),
-    "psplit_p2": dict(split_k_prep=True, num_warps_prep=2),
 }
 
 

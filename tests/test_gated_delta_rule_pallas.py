@@ -127,9 +127,8 @@ def test_pallas_dispatch_and_limits():
     PallasConfig(scale_after_dot=False, prefetch_fused=False),  # diag(gq) Q and diag(e) K into the dots
     PallasConfig(scale_after_dot=False),  # prefetch alone
     PallasConfig(split_k=True, prefetch_fused=False),  # scale_after_dot alone
-    PallasConfig(split_k_prep=True),  # K split in gdn_prep / gdn_wu only
 ], ids=["unfused", "split_k", "split_k_unfused", "precomputed_qk", "split_k_precomputed_qk", "off_chain",
-        "split_k_off_chain_precomputed", "scale_before_dot", "prefetch_only", "split_k_no_prefetch", "split_k_prep"])
+        "split_k_off_chain_precomputed", "scale_before_dot", "prefetch_only", "split_k_no_prefetch"])
 def test_pallas_configs_values_and_grads(cfg):
     """The launch variants (fused or separate output kernel, K split or padded) compute the same
     function and gradients as the oracle, at a K that splits into three tiles."""

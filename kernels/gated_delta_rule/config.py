@@ -35,8 +35,6 @@ class PallasConfig:
     block_v_fused: state columns per program of the fused forward walk (walk + output).
     split_k: in the forward kernels, cut K into power-of-two tiles of at most 64 (K = 96 as
         64 + 32) instead of padding it to the next power of two (one tile of 128).
-    split_k_prep: the same split in gdn_prep and gdn_wu only (their [16 or 64, K] tiles), the
-        walks keeping one padded tile.
     num_warps_* / num_stages_*: Triton's knobs per kernel.
     precompute_qk: with the fused output, gdn_wu writes diag(gq) Q and diag(e) K (q, k
         normalised when asked) and the sequential walk feeds them to its state dots as loaded,
@@ -79,7 +77,6 @@ class PallasConfig:
     num_stages_wu: int = 1
     precompute_qk: bool = False
     output_off_chain: bool = False
-    split_k_prep: bool = False
     scale_after_dot: bool = True
     prefetch_fused: bool = True
 

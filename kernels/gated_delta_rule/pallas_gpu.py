@@ -163,11 +163,6 @@ class _Static:
         return _k_pieces(self.K) if self.config.split_k else ((0, self.KP),)
 
     @property
-    def prep_kpieces(self):
-        """K tiles of gdn_prep and gdn_wu: split when ``config.split_k_prep`` (or ``split_k``)."""
-        return _k_pieces(self.K) if self.config.split_k_prep else self.kpieces
-
-    @property
     def cdt(self):
         return jnp.dtype(self.cd)
 
@@ -330,7 +325,7 @@ def _prep_kernel(k_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref, gam_ref, tm
     hp = _head_params(st, alog_ref, dtb_ref, h)
     nb = C // SUB
     cd = st.cdt
-    pieces = st.prep_kpieces
+    pieces = st.kpieces
     # 16-bit calls round Tm to cd anyway: the 16x16 block merges may take tf32 dots (as FLA's).
     merge_cd = f32 if st.cd == "float32" else None
     ks, gams, betas, cnts = [], [], [], []
@@ -386,7 +381,7 @@ def _wu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, cnt_ref, alog_ref, dtb_ref,
     bh = pl.program_id(1)
     b, h = bh // st.H, bh % st.H
     cd = st.cdt
-    pieces = st.prep_kpieces
+    pieces = st.kpieces
     tm = _load(tm_ref.at[b, h, n])
     t0 = n * C
     gamma = _load(gam_ref.at[b, h, pl.ds(t0, C)])
