@@ -10,6 +10,7 @@ Dtypes: parameters are stored in ``param_dtype`` (fp32 master weights by default
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -49,10 +50,10 @@ def scoped(name: str):
     """Decorator: run a module's ``__call__`` under ``jax.named_scope(name)``, so profiles and HLO dumps
     attribute its ops (e.g. ``gdn/...``, ``transpose(jvp(gdn))/...`` for its backward)."""
     def wrap(fn):
+        @functools.wraps(fn)
         def call(self, *args, **kwargs):
             with jax.named_scope(name):
                 return fn(self, *args, **kwargs)
-        call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
         return call
     return wrap
 

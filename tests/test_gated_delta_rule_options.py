@@ -53,6 +53,13 @@ def vjp_all_raw(f, q, k, v, a, b, A_log, dt_bias, s0, ct_o, ct_s):
     return (o, s) + tuple(pull((ct_o, ct_s)))
 
 
+def cotangents(seed, B, T, H, K, V, o_dtype=jnp.float32):
+    """Random cotangents (for o [B, T, H, V] in o_dtype, for the final state [B, H, K, V] fp32)."""
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((B, T, H, V)), o_dtype),
+            jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("backend",))
 def run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, *, backend):
     def f(q, k, v, a, b, A_log, dt_bias, s0):
@@ -83,9 +90,7 @@ def test_options_gradients_wrt_raw_inputs(backend):
     B, T, H, K, V = 2, 70, 2, 12, 20
     q, k, v, a, b, A_log, dt_bias, s0 = raw_inputs(2, B, T, H, K, V)
     seg = make_segments("mixed", B, T)
-    rng = np.random.default_rng(3)
-    ct_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
-    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    ct_o, ct_s = cotangents(3, B, T, H, K, V)
     ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
     out = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend=backend)
     for name, x, r in zip(GRAD_NAMES, out, ref):
@@ -111,9 +116,7 @@ def test_options_pallas_walk_variants(cfg):
     B, T, H, K, V = 2, 70, 2, 12, 20
     q, k, v, a, b, A_log, dt_bias, s0 = raw_inputs(8, B, T, H, K, V)
     seg = make_segments("mixed", B, T)
-    rng = np.random.default_rng(5)
-    ct_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
-    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    ct_o, ct_s = cotangents(5, B, T, H, K, V)
     ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
     tr = InputTransforms(qk_l2norm=True, gate=True, beta_sigmoid=True, beta_scale=2.0)
 
@@ -136,16 +139,14 @@ def test_options_pallas_float16_small_norm_keys():
     seg = make_segments("mixed", B, T)
     q = q.astype(jnp.float16)
     for backend in ("sequential", "pallas"):
-        o, s = gated_delta_rule(q, (k * 1e-4).astype(jnp.float16), (v * 300).astype(jnp.float16), a, b, initial_state=s0, segment_ids=seg,
-                                output_final_state=True, backend=backend, A_log=A_log, dt_bias=dt_bias, **OPTS)
+        o, s = gated_delta_rule(q, (k * 1e-4).astype(jnp.float16), (v * 300).astype(jnp.float16), a, b,
+                                initial_state=s0, segment_ids=seg, output_final_state=True, backend=backend, A_log=A_log, dt_bias=dt_bias, **OPTS)
         assert o.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(o, np.float32))), backend
         if backend == "sequential":
             o_ref, s_ref = o, s
     assert rel_err(o, o_ref) < 1e-2 and rel_err(s, s_ref) < 1e-2, (rel_err(o, o_ref), rel_err(s, s_ref))
 
-    rng = np.random.default_rng(6)
-    ct_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float16)
-    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    ct_o, ct_s = cotangents(6, B, T, H, K, V, jnp.float16)
     k, v = (k * 1e-2).astype(jnp.float16), (v * 30).astype(jnp.float16)
     ref = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="sequential")
     out = run_opts(q, k, v, a, b, A_log, dt_bias, s0, seg, ct_o, ct_s, backend="pallas")
@@ -216,9 +217,7 @@ def test_associative_scan_matches_sequential(T, seg_kind, g_range):
     B, H, K, V = 2, 2, 12, 20
     q, k, v, g, beta, s0 = make_inputs(8 + T, B, T, H, K, V, g_range=g_range)
     seg = make_segments(seg_kind, B, T, seed=T)
-    rng = np.random.default_rng(9)
-    ct_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
-    ct_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    ct_o, ct_s = cotangents(9, B, T, H, K, V)
 
     @functools.partial(jax.jit, static_argnames=("backend",))
     def run(q, k, v, g, beta, s0, *, backend):

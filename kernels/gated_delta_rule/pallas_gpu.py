@@ -876,7 +876,7 @@ def _gdr_bwd(st, res, cts):
         st = dataclasses.replace(st, tr=dataclasses.replace(st.tr, qk_l2norm=False))
     dh, dvn, ds0 = _bwd_walk(st, q, k, gam, cnt, w, do, dsT.astype(f32))
     dq, dk, dv, dg_eff, dbeta_eff = _bwd_grads(st, q, k, v, g, beta, cnt, alog, dtb, gam, tm, do, hs, dh, vn, dvn,
-                                               f32 if qk_pull else q.dtype)
+                                               f32 if qk_pull is not None else q.dtype)
     if qk_pull is not None:
         dq, dk = qk_pull((dq, dk))
     # Chain rule from the effective (g, beta) to the raw inputs: the same helpers the kernels ran.
