@@ -166,7 +166,7 @@ def run_checks(log, fp32=True):
     import jax
     import jax.numpy as jnp
 
-    from kernels import gated_delta_rule
+    from olmo_hybrid_jax.kernels import gated_delta_rule
 
     def fwd(backend, *a, **kw):
         return jax.jit(lambda *x: gated_delta_rule(*x, output_final_state=True, backend=backend, **kw))(*a)
@@ -227,7 +227,7 @@ def check_vs_fla(log):
     import jax
     import jax.numpy as jnp
 
-    from kernels import gated_delta_rule
+    from olmo_hybrid_jax.kernels import gated_delta_rule
 
     if not os.path.exists("/tmp/fla_out_7b.npy"):
         return
@@ -249,7 +249,7 @@ def run_ours(json_path, out_dir, skip_checks=False, fp32_check=True, backends=("
     import jax
     import jax.numpy as jnp
 
-    from kernels import gated_delta_rule
+    from olmo_hybrid_jax.kernels import gated_delta_rule
 
     lines = []
 
@@ -276,8 +276,8 @@ def run_ours(json_path, out_dir, skip_checks=False, fp32_check=True, backends=("
     except Exception:
         log("FLA comparison failed:\n" + traceback.format_exc())
 
-    from kernels.gated_delta_rule.config import PallasConfig
-    from kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
+    from olmo_hybrid_jax.kernels.gated_delta_rule.config import PallasConfig
+    from olmo_hybrid_jax.kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
 
     alt = PallasConfig(**ALT_CONFIG)
 
@@ -426,8 +426,8 @@ def _breakdown(args, log, cfg_name):
     import jax
     import jax.numpy as jnp
 
-    from kernels.gated_delta_rule import pallas_gpu as pg
-    from kernels.gated_delta_rule.config import PallasConfig
+    from olmo_hybrid_jax.kernels.gated_delta_rule import pallas_gpu as pg
+    from olmo_hybrid_jax.kernels.gated_delta_rule.config import PallasConfig
 
     q, k, v, g, beta = args
     B, T, H, K = q.shape

@@ -4,7 +4,7 @@ Nothing here knows about the model; each op validates its own inputs and
 dispatches between a simple reference backend and faster ones.
 """
 
-from kernels.gated_delta_rule import (
+from .gated_delta_rule import (
     BACKENDS,
     ChunkConfig,
     PallasConfig,

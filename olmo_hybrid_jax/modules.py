@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
-from kernels import decay_gate, gated_delta_rule, gated_delta_rule_step, l2_normalize, write_strength
+from olmo_hybrid_jax import kernels
+from olmo_hybrid_jax.kernels import decay_gate, gated_delta_rule, gated_delta_rule_step, l2_normalize, write_strength
 from olmo_hybrid_jax.cache import GDNCache, KVCache
 
 Array = jax.Array

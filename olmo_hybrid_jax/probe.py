@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import gated_delta_rule_step
+from olmo_hybrid_jax.kernels import gated_delta_rule_step
 from olmo_hybrid_jax.config import LINEAR
 from olmo_hybrid_jax.modules import apply_rope, gdn_gates, l2_normalize, rope_cos_sin
 

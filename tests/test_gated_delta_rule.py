@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import BACKENDS, ChunkConfig, gated_delta_rule, shapes_supported
-from kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
+from olmo_hybrid_jax.kernels import BACKENDS, ChunkConfig, gated_delta_rule, shapes_supported
+from olmo_hybrid_jax.kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
 
 jax.config.update("jax_enable_x64", False)
 

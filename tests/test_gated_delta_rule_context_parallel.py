@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent(
     r"""
     import jax, jax.numpy as jnp, numpy as np
     assert len(jax.devices()) == 4, jax.devices()
-    from kernels import context_parallel_gated_delta_rule, gated_delta_rule
-    from kernels.gated_delta_rule.gates import InputTransforms
+    from olmo_hybrid_jax.kernels import context_parallel_gated_delta_rule, gated_delta_rule
+    from olmo_hybrid_jax.kernels.gated_delta_rule.gates import InputTransforms
 
     from jax.sharding import AxisType
     rel = lambda x, r: float(np.abs(np.asarray(x) - np.asarray(r)).max() / np.abs(np.asarray(r)).max())
@@ -101,7 +101,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     except ImportError:
         from jax.experimental.shard_map import shard_map
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from kernels import gated_delta_rule
+    from olmo_hybrid_jax.kernels import gated_delta_rule
 
     mesh = jax.make_mesh((4,), ("data",))
     B, T, H, K, V = 4, 100, 2, 12, 20

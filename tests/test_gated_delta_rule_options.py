@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import gated_delta_rule, gated_delta_rule_step
+from olmo_hybrid_jax.kernels import gated_delta_rule, gated_delta_rule_step
 from test_gated_delta_rule import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 BACKENDS = ("sequential", "chunked", "associative_scan", "pallas")
@@ -109,9 +109,9 @@ def test_options_pallas_walk_variants(cfg):
     """The fused walk's operand variants (gdn_wu writing Q' / P' or diag(gq) Q / diag(e) K from
     l2-normalised q, k; normalised tiles into the dots, or raw tiles with the norms scaling
     the results (the default)) with the in-kernel transforms: values and every gradient vs the oracle."""
-    from kernels.gated_delta_rule.config import PallasConfig
-    from kernels.gated_delta_rule.gates import InputTransforms
-    from kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
+    from olmo_hybrid_jax.kernels.gated_delta_rule.config import PallasConfig
+    from olmo_hybrid_jax.kernels.gated_delta_rule.gates import InputTransforms
+    from olmo_hybrid_jax.kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
 
     B, T, H, K, V = 2, 70, 2, 12, 20
     q, k, v, a, b, A_log, dt_bias, s0 = raw_inputs(8, B, T, H, K, V)

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import PallasConfig, gated_delta_rule, shapes_supported
-from kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
+from olmo_hybrid_jax.kernels import PallasConfig, gated_delta_rule, shapes_supported
+from olmo_hybrid_jax.kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
 from test_gated_delta_rule import make_inputs, make_segments, rel_err
 
 
@@ -108,7 +108,7 @@ def test_pallas_dispatch_and_limits():
     f64 = jax.ShapeDtypeStruct((2, 10, 3, 96), jnp.int8)
     assert "floating" in shapes_supported("pallas", f64, q, v)
     # "auto" never picks the interpreter on CPU
-    from kernels.gated_delta_rule.api import _resolve
+    from olmo_hybrid_jax.kernels.gated_delta_rule.api import _resolve
 
     assert _resolve("auto", q, q, v) == ("pallas" if jax.default_backend() == "gpu" else "chunked")
     with pytest.raises(ValueError, match="cannot take this input: K = 300"):

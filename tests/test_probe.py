@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import gated_delta_rule
+from olmo_hybrid_jax.kernels import gated_delta_rule
 from olmo_hybrid_jax import OlmoHybridConfig, OlmoHybridForCausalLM
 from olmo_hybrid_jax.modules import gdn_gates, l2_normalize
 from olmo_hybrid_jax.probe import trace

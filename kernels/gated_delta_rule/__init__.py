@@ -6,11 +6,11 @@ state, for generation) and :func:`context_parallel_gated_delta_rule` (one
 sequence split across a mesh axis).
 """
 
-from kernels.gated_delta_rule.api import BACKENDS, gated_delta_rule, shapes_supported
-from kernels.gated_delta_rule.associative_scan import context_parallel_gated_delta_rule
-from kernels.gated_delta_rule.config import ChunkConfig, PallasConfig
-from kernels.gated_delta_rule.decode import gated_delta_rule_step
-from kernels.gated_delta_rule.gates import decay_gate, l2_normalize, write_strength
+from .api import BACKENDS, gated_delta_rule, shapes_supported
+from .associative_scan import context_parallel_gated_delta_rule
+from .config import ChunkConfig, PallasConfig
+from .decode import gated_delta_rule_step
+from .gates import decay_gate, l2_normalize, write_strength
 
 __all__ = [
     "BACKENDS",

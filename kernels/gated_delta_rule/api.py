@@ -52,11 +52,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.gated_delta_rule import pallas_gpu
-from kernels.gated_delta_rule.associative_scan import associative_scan_gated_delta_rule
-from kernels.gated_delta_rule.gates import InputTransforms, apply_input_transforms
-from kernels.gated_delta_rule.reference import sequential_gated_delta_rule
-from kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
+from . import pallas_gpu
+from .associative_scan import associative_scan_gated_delta_rule
+from .gates import InputTransforms, apply_input_transforms
+from .reference import sequential_gated_delta_rule
+from .xla_chunked import chunked_gated_delta_rule
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,10 +39,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.gated_delta_rule.common import segment_starts
-from kernels.gated_delta_rule.config import DEFAULT_CHUNK_CONFIG, ChunkConfig
-from kernels.gated_delta_rule.gates import NO_TRANSFORMS, InputTransforms, apply_input_transforms
-from kernels.gated_delta_rule.xla_chunked import chunk_outputs, chunk_pieces
+from .common import segment_starts
+from .config import DEFAULT_CHUNK_CONFIG, ChunkConfig
+from .gates import NO_TRANSFORMS, InputTransforms, apply_input_transforms
+from .xla_chunked import chunk_outputs, chunk_pieces
 
 try:  # jax >= 0.7 exports shard_map at the top level
     from jax import shard_map as _shard_map

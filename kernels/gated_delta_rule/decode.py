@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.gated_delta_rule.gates import InputTransforms, apply_input_transforms
+from .gates import InputTransforms, apply_input_transforms
 
 _HI = jax.lax.Precision.HIGHEST
 

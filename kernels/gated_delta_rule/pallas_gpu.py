@@ -99,9 +99,9 @@ from jax.experimental.pallas import triton as plt  # masked load/store, Compiler
 _load, _store = plt.load, plt.store
 _CompilerParams = plt.CompilerParams
 
-from kernels.gated_delta_rule.common import segment_starts
-from kernels.gated_delta_rule.config import DEFAULT_PALLAS_CONFIG, PallasConfig
-from kernels.gated_delta_rule.gates import (
+from .common import segment_starts
+from .config import DEFAULT_PALLAS_CONFIG, PallasConfig
+from .gates import (
     L2NORM_EPS,
     NO_TRANSFORMS,
     InputTransforms,

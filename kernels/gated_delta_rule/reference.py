@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.gated_delta_rule.common import segment_starts
+from .common import segment_starts
 
 _HI = jax.lax.Precision.HIGHEST  # keep fp32 dots fp32 on GPU/TPU (no TF32/bf16 passes)
 

@@ -54,8 +54,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.gated_delta_rule.common import segment_starts
-from kernels.gated_delta_rule.config import DEFAULT_CHUNK_CONFIG, ChunkConfig
+from .common import segment_starts
+from .config import DEFAULT_CHUNK_CONFIG, ChunkConfig
 
 _HI = jax.lax.Precision.HIGHEST  # fp32 dots stay fp32 on accelerators
 

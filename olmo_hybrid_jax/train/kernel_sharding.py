@@ -38,7 +38,7 @@ def _axes(rule, size, mesh):
 
 def default_inner_backend() -> str:
     """What "auto" resolves to on this platform, by the kernels' own priority list."""
-    from kernels.gated_delta_rule import api
+    from olmo_hybrid_jax.kernels.gated_delta_rule import api
 
     platform = jax.default_backend()
     for name in api._AUTO_PRIORITY:
@@ -51,7 +51,7 @@ def default_inner_backend() -> str:
 
 def register_sharded_backend(mesh, rules, inner: str = "auto") -> str:
     """Register ``<inner>@shard_map`` in the kernels' backend registry for ``mesh``; return its name."""
-    from kernels.gated_delta_rule import api
+    from olmo_hybrid_jax.kernels.gated_delta_rule import api
 
     if inner == "auto":
         inner = default_inner_backend()
