@@ -10,24 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
 
-#: Preset model configs (HF config.json format) live in the repo's configs/models/.
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+#: Preset model configs (HF config.json format): the repo's configs/models/, installed as the package
+#: data olmo_hybrid_jax.configs/models (a regular install unpacks it, so this is a real directory).
+PRESET_DIR = Path(str(resources.files("olmo_hybrid_jax.configs") / "models"))
 
-# HF config keys that carry no model information (ignored by from_hf, not written by to_hf).
-_HF_META_KEYS = {
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "output_hidden_states", "output_attentions", "return_dict", "_name_or_path", "chunk_size_feed_forward",
-    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
-    "_attn_implementation_autoset", "tf_legacy_loss", "pruned_heads", "torchscript",
-}
-# Keys of the early ``olmo3_5_hybrid`` config that map onto this one.
-_HF_LEGACY_KEYS = {"linear_use_gate"}
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -167,7 +161,7 @@ class OlmoHybridConfig:
 
     # ------------------------------------------------------------------ HF interop
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> "OlmoHybridConfig":
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> OlmoHybridConfig:
         """Build from an HF ``config.json`` (a dict, a file path, or a checkpoint directory)."""
         if isinstance(path_or_dict, Mapping):
             d = dict(path_or_dict)
@@ -191,12 +185,10 @@ class OlmoHybridConfig:
         if "rope_parameters" not in d and d.get("rope_theta") is not None:  # older HF spelling
             d["rope_parameters"] = {"rope_type": "default", "rope_theta": d["rope_theta"]}
         fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
-        unknown = set(d) - fields - _HF_META_KEYS - _HF_LEGACY_KEYS - {"rope_theta", "head_dim", "rope_scaling"}
+        kwargs = {k: v for k, v in d.items() if k in fields}  # HF bookkeeping keys are ignored
         if d.get("head_dim") is not None and d["hidden_size"] // d["num_attention_heads"] != d["head_dim"]:
             raise ValueError(f"{where}: head_dim={d['head_dim']} != hidden_size // num_attention_heads; "
                              "OLMo Hybrid derives the attention head dim")
-        del unknown  # extra HF bookkeeping keys are ignored on purpose
         return cls(**kwargs)
 
     def to_hf(self) -> dict[str, Any]:
@@ -209,11 +201,11 @@ class OlmoHybridConfig:
             d["eos_token_id"] = list(self.eos_token_id)
         return {"architectures": ["OlmoHybridForCausalLM"], "model_type": "olmo_hybrid", **d}
 
-    def replace(self, **changes) -> "OlmoHybridConfig":
+    def replace(self, **changes) -> OlmoHybridConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str) -> "OlmoHybridConfig":
+    def preset(cls, name: str) -> OlmoHybridConfig:
         """A named preset from configs/models/ (e.g. "olmo_hybrid_7b", "olmo_hybrid_1b", "tiny")."""
         p = PRESET_DIR / f"{name}.json"
         if not p.is_file():

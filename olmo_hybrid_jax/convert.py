@@ -40,7 +40,6 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -49,8 +48,6 @@ from olmo_hybrid_jax.config import FULL, LINEAR, OlmoHybridConfig
 from olmo_hybrid_jax.model import OlmoHybridForCausalLM
 
 SAFETENSORS_DTYPES = {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32, "F64": jnp.float64}
-_NP_DTYPES = {jnp.dtype(jnp.bfloat16): ml_dtypes.bfloat16, jnp.dtype(jnp.float16): np.float16,
-              jnp.dtype(jnp.float32): np.float32}
 
 
 class CheckpointMismatchError(ValueError):

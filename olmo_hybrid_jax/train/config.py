@@ -13,13 +13,14 @@ import dataclasses
 import difflib
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
+#: The YAML configs: the repo's configs/, installed as the package data olmo_hybrid_jax.configs.
+CONFIG_DIR = Path(str(resources.files("olmo_hybrid_jax.configs")))
 
 
 class ConfigError(ValueError):
@@ -252,8 +253,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     tree = Config().to_dict()
     if path is not None:
         p = Path(path)
-        if not p.is_file() and not p.is_absolute() and (CONFIG_DIR / p.name).is_file() and p.parent == Path("."):
-            p = CONFIG_DIR / p.name  # `--config tiny.yaml` finds configs/tiny.yaml
+        if not p.is_file() and not p.is_absolute() and p.parent in (Path("."), Path("configs")):
+            # `--config tiny.yaml` and `--config configs/tiny.yaml` find the shipped configs/tiny.yaml from any cwd
+            if not (CONFIG_DIR / p.name).is_file():
+                have = sorted(q.name for q in CONFIG_DIR.glob("*.yaml"))
+                raise ConfigError(f"config file not found: {path} (nor in {CONFIG_DIR}: {have})")
+            p = CONFIG_DIR / p.name
         for source, doc in _read_yaml(p):
             _merge(tree, doc, source)
     for text in overrides:

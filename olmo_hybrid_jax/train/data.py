@@ -35,35 +35,50 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from olmo_hybrid_jax.train.config import REPO_ROOT
+from olmo_hybrid_jax.train.config import CONFIG_DIR
 
 _SUFFIX_DTYPES = {".u8": np.uint8, ".u16": np.uint16, ".u32": np.uint32}
 _NPY_MAGIC = b"\x93NUMPY"
+#: The embedded corpus: the repo's data/, installed as the package data olmo_hybrid_jax.data.
+DATA_DIR = Path(str(resources.files("olmo_hybrid_jax.data")))
+#: Relative paths under these repo folders fall back to the copy shipped in the package.
+_SHIPPED = {"data": DATA_DIR, "configs": CONFIG_DIR}
 
 
 class DataError(ValueError):
     """A data file is missing, unreadable or malformed (the message names it)."""
 
 
+def _shipped(p: Path) -> Path | None:
+    """The packaged copy of a relative ``data/...`` or ``configs/...`` path (None for other paths)."""
+    if p.is_absolute() or len(p.parts) < 2 or p.parts[0] not in _SHIPPED:
+        return None
+    return _SHIPPED[p.parts[0]].joinpath(*p.parts[1:])
+
+
 def resolve_path(path: str | Path) -> Path:
-    """``path`` as given (absolute, or relative to the cwd), else relative to the repo root."""
+    """``path`` as given (absolute, or relative to the cwd), else the package's copy of ``data/...`` or
+    ``configs/...`` (so the default ``data/pydoc_topics.u8`` is found from any directory)."""
     p = Path(path).expanduser()
     if p.exists() or p.is_absolute():
         return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
+    alt = _shipped(p)
+    return alt if alt is not None and alt.exists() else p
 
 
 def open_token_file(path: str | Path, token_dtype: str = "auto") -> np.ndarray:
     """Memory-map a token file as a 1-D integer array; DataError naming the file on any problem."""
     p = resolve_path(path)
     if not p.exists():
-        raise DataError(f"data file not found: {path} (looked in {Path.cwd()} and {REPO_ROOT})")
+        alt = _shipped(Path(path).expanduser())
+        where = f"{Path.cwd()}" + (f" and {alt.parent}" if alt is not None else "")
+        raise DataError(f"data file not found: {path} (looked in {where})")
     if not p.is_file():
         raise DataError(f"data path is not a file: {p}")
     try:

@@ -1,0 +1,1 @@
+"""Packaged training configs (YAML) and model presets (models/*.json); see importlib.resources."""
