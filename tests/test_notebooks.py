@@ -1,5 +1,8 @@
 """Every notebook runs top to bottom on CPU (fresh kernel, repo root as cwd), so they never rot.
 
+The kernel is this interpreter, through a kernelspec in a temporary Jupyter dir; Jupyter's, IPython's
+and matplotlib's dirs and the notebooks' TMPDIR are temporary too, so the tests write nothing elsewhere.
+
 The notebooks assert their own claims (the loss falls, the resumed run equals the uninterrupted one,
 the kernel backends agree); here we also check that each figure-making notebook produced its figures.
 """
@@ -7,7 +10,6 @@ the kernel backends agree); here we also check that each figure-making notebook 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,35 +29,50 @@ def test_notebooks_exist_and_are_stripped():
         nb = json.loads(p.read_text())
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
-                assert not cell.get("outputs") and cell.get("execution_count") is None, f"{p.name}: outputs not stripped"
+                assert not cell.get("outputs") and cell.get("execution_count") is None, \
+                    f"{p.name}: outputs not stripped"
 
 
-def _kernel_name() -> str:
-    """A kernel spec running this interpreter (the test venv), installed on first use."""
+KERNEL = "olmo-hybrid-test"
+
+
+@pytest.fixture(scope="module")
+def jupyter_home(tmp_path_factory):
+    """Jupyter's and IPython's data, runtime and config dirs in a temporary directory, with a kernelspec
+    running this very interpreter (so nothing is written to ~ and a stale spec can never be picked up)."""
+    from ipykernel.kernelspec import write_kernel_spec
+
+    root = tmp_path_factory.mktemp("jupyter")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("JUPYTER_DATA_DIR", "data"), ("JUPYTER_RUNTIME_DIR", "runtime"),
+                         ("JUPYTER_CONFIG_DIR", "config"), ("IPYTHONDIR", "ipython"), ("MPLCONFIGDIR", "mpl")):
+            mp.setenv(var, str(root / sub))
+        write_kernel_spec(root / "kernels" / KERNEL, overrides={"display_name": f"olmo_hybrid_jax ({sys.executable})"})
+        yield root / "kernels"
+
+
+def _kernel_manager(kernel_dirs, connection_file):
     from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
 
-    name = "olmo-hybrid-test"
-    ksm = KernelSpecManager()
-    if name not in ksm.find_kernel_specs():
-        from ipykernel.kernelspec import install
-
-        install(kernel_name=name, user=True, display_name=f"olmo_hybrid_jax test ({sys.executable})")
-    return name
+    ksm = KernelSpecManager(kernel_dirs=[str(kernel_dirs)], ensure_native_kernel=False)
+    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm, connection_file=str(connection_file))
+    assert km.kernel_spec.argv[0] == sys.executable
+    return km
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, jupyter_home, monkeypatch):
     nb = nbformat.read(path, as_version=4)
-    env_backup = os.environ.pop("OLMO_HYBRID_CHECKPOINT", None)  # the CPU defaults, not a user's checkpoint
-    try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name=_kernel_name(),
-                                         resources={"metadata": {"path": str(NB_DIR)}})
-        client.execute()
-    finally:
-        if env_backup is not None:
-            os.environ["OLMO_HYBRID_CHECKPOINT"] = env_backup
+    monkeypatch.delenv("OLMO_HYBRID_CHECKPOINT", raising=False)  # the CPU defaults, not a user's checkpoint
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' tempfile.mkdtemp() run dirs
+    km = _kernel_manager(jupyter_home, tmp_path / "kernel.json")
+    client = nbclient.NotebookClient(nb, km=km, timeout=600,
+                                     resources={"metadata": {"path": str(NB_DIR)}})
+    client.execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
     assert not errors
     assert len(images) >= MIN_FIGURES.get(path.name, 0), f"{path.name} made {len(images)} figures"
