@@ -126,8 +126,8 @@ def _source_packages(repo: Path) -> dict[str, set[str]]:
     return out
 
 
-def test_wheel_installs_next_to_hugging_face_kernels(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+def test_wheel_installs_next_to_hugging_face_kernels(tmp_path, repo_root):
+    repo = repo_root
     wheel = _build_wheel(repo, tmp_path)
 
     # every source file of every package (and the package data) is in the wheel
