@@ -107,7 +107,8 @@ def cache_shapes(cfg: OlmoHybridConfig, batch_size: int, max_len: int, dtype=jnp
 
 
 def cache_nbytes(cfg: OlmoHybridConfig, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache_shapes(cfg, batch_size, max_len, dtype)))
+    shapes = cache_shapes(cfg, batch_size, max_len, dtype)
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
 def set_rows(cache: Cache, rows: Cache, start) -> Cache:

@@ -35,8 +35,8 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from olmo_hybrid_jax.config import FULL, LINEAR, OlmoHybridConfig
-from olmo_hybrid_jax.model import OlmoHybridForCausalLM
+from olmo_hybrid_jax.config import LINEAR, OlmoHybridConfig
+from olmo_hybrid_jax.model import OlmoHybridForCausalLM, from_list_params, list_params
 
 SAFETENSORS_DTYPES = {"BF16": jnp.bfloat16, "F16": jnp.float16, "F32": jnp.float32, "F64": jnp.float64}
 
@@ -112,7 +112,7 @@ def _param_paths(cfg: OlmoHybridConfig) -> dict[str, tuple[tuple, str, tuple]]:
     Layout kinds: "linear" (HF [out, in] -> kernel [in, out]), "conv" (HF [C, 1, Kc] -> kernel [Kc, C]),
     "copy" (1-D tensors and the embedding, as is).
     """
-    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    H, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
     out: dict[str, tuple[tuple, str, tuple]] = {
         "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), "copy", (V, H)),
         "model.norm.weight": (("model", "norm", "weight"), "copy", (H,)),
@@ -129,7 +129,7 @@ def _param_paths(cfg: OlmoHybridConfig) -> dict[str, tuple[tuple, str, tuple]]:
 
     for li, t in enumerate(cfg.layer_types):
         p, P = f"model.layers.{li}", ("model", "layers", li)
-        for n, (o, i) in {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}.items():
+        for n, (o, i) in {"gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F)}.items():
             lin(f"{p}.mlp.{n}", P + ("mlp", n), o, i)
         out[f"{p}.post_attention_layernorm.weight"] = (P + ("post_attention_layernorm", "weight"), "copy", (H,))
         if t == LINEAR:
@@ -258,14 +258,16 @@ def _plan_load(ckpt: _SafetensorsDir, cfg: OlmoHybridConfig):
         for title, items in (("missing", missing), ("unexpected", unexpected),
                              ("given more than once (several naming variants?)", dup), ("misshapen", bad_shape)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
         raise CheckpointMismatchError("\n".join(lines))
     return [(expected[n][0], expected[n][1], sources[n][0]) for n in expected]
 
 
-def _abstract_model(cfg: OlmoHybridConfig, param_dtype, dtype, **model_kwargs):
-    return nnx.eval_shape(lambda: OlmoHybridForCausalLM(
-        cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, **model_kwargs))
+def _list_layout_target(cfg: OlmoHybridConfig, param_dtype) -> dict:
+    """The pure-dict parameter tree of the list layout (abstract arrays) that checkpoints fill."""
+    abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
 def _set_path(tree: dict, path: tuple, value) -> None:
@@ -284,7 +286,8 @@ def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, progress
       path: directory with ``config.json`` and ``model.safetensors`` (or sharded + index).
       dtype: parameter dtype (e.g. ``jnp.float32``); None keeps the checkpoint's own dtype.
       compute_dtype: matmul dtype (None = the parameter dtype).
-      model_kwargs: passed to the model (``gdn_backend``, ``attention_impl``).
+      model_kwargs: the model's other construction options (``gdn_backend``, ``attention_impl``,
+        ``scan_layers``, ...; see ``OlmoHybridForCausalLM``).
     """
     path = Path(path)
     cfg = OlmoHybridConfig.from_hf(path)
@@ -294,9 +297,7 @@ def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, progress
         emb_src = plan[0][2][0]
         dtype = SAFETENSORS_DTYPES[ckpt.entries[emb_src][2]]
     dtype = jnp.dtype(dtype)
-    abstract = _abstract_model(cfg, dtype, compute_dtype, **model_kwargs)
-    graphdef, state = nnx.split(abstract)
-    pure = nnx.to_pure_dict(state)
+    pure = _list_layout_target(cfg, dtype)
     for param_path, kind, (src, sl) in tqdm(plan, desc=f"loading {path.name}", disable=not progress, unit="tensor"):
         x = ckpt.read(src)
         if sl is not None:
@@ -304,14 +305,13 @@ def load_hf(path: str | os.PathLike, dtype=None, *, compute_dtype=None, progress
         x = np.ascontiguousarray(to_nnx_layout(kind, x))
         _set_path(pure, param_path, jnp.asarray(x, dtype=dtype))
         del x
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    return from_list_params(cfg, pure, param_dtype=dtype, dtype=compute_dtype, **model_kwargs)
 
 
 # ----------------------------------------------------------------------------------------- writing
 def _iter_hf_tensors(model: OlmoHybridForCausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     cfg = model.config
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    pure = list_params(model)
     for name, (param_path, kind, shape) in _param_paths(cfg).items():
         node = pure
         for key in param_path:
@@ -407,14 +407,15 @@ def _param_dtype(model) -> jnp.dtype:
 
 # ----------------------------------------------------------------------------------------- orbax
 def save_orbax(model: OlmoHybridForCausalLM, path: str | os.PathLike, *, dtype=None, overwrite: bool = False) -> Path:
-    """Save the parameters with orbax (``path/params``) and the HF config (``path/config.json``)."""
+    """Save the parameters with orbax (``path/params``, the list layout whatever ``model``'s) and the HF
+    config (``path/config.json``)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     if (path / "params").exists() and not overwrite:
         raise FileExistsError(f"{path}/params exists; pass overwrite=True to replace it")
     path.mkdir(parents=True, exist_ok=True)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = list_params(model)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     with ocp.StandardCheckpointer() as ckptr:
@@ -425,7 +426,7 @@ def save_orbax(model: OlmoHybridForCausalLM, path: str | os.PathLike, *, dtype=N
 
 
 def load_orbax(path: str | os.PathLike, dtype=None, *, compute_dtype=None, **model_kwargs) -> OlmoHybridForCausalLM:
-    """Load a model saved by ``save_orbax`` (or ``hf-to-orbax``)."""
+    """Load a model saved by ``save_orbax`` (or ``hf-to-orbax``); arguments as ``load_hf``'s."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -437,15 +438,12 @@ def load_orbax(path: str | os.PathLike, dtype=None, *, compute_dtype=None, **mod
         tree = getattr(meta, "item_metadata", meta)
         stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
         pdtype = jnp.dtype(dtype) if dtype is not None else (stored.pop() if len(stored) == 1 else jnp.float32)
-        abstract = _abstract_model(cfg, pdtype, compute_dtype, **model_kwargs)
-        graphdef, state = nnx.split(abstract)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, pdtype), nnx.to_pure_dict(state))
+        target = _list_layout_target(cfg, pdtype)
         try:
             params = ckptr.restore(path / "params", target)
         except (ValueError, KeyError) as e:
             raise CheckpointMismatchError(f"orbax params in {path} do not match its config.json: {e}") from e
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return from_list_params(cfg, params, param_dtype=pdtype, dtype=compute_dtype, **model_kwargs)
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -41,8 +41,8 @@ import sys
 import time
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

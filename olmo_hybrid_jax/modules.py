@@ -12,29 +12,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from olmo_hybrid_jax import kernels
-from olmo_hybrid_jax.kernels import decay_gate, gated_delta_rule, gated_delta_rule_step, l2_normalize, write_strength
 from olmo_hybrid_jax.cache import GDNCache, KVCache
+from olmo_hybrid_jax.kernels import decay_gate, gated_delta_rule, gated_delta_rule_step, l2_normalize, write_strength
 
 Array = jax.Array
-
-
-def gated_delta_rule_step(q, k, v, g, beta, state, *, scale):
-    """One recurrent step (T == 1) of the gated delta rule, for decoding.
-
-    q, k [B, 1, H, K], v [B, 1, H, V], g, beta [B, 1, H], state [B, H, K, V] fp32 ->
-    (o [B, 1, H, V] in v.dtype, new fp32 state), through ``kernels.gated_delta_rule_step`` (which
-    takes the token axis squeezed): one state read and write per layer and token, the decode floor.
-    """
-    o, new_state = kernels.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
-                                                 scale=scale)
-    return o[:, None], new_state
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
@@ -176,32 +163,48 @@ def causal_attention(q: Array, k: Array, v: Array, *, scale: float, segment_ids:
     (jax.nn.dot_product_attention's fused kernel, GPU), or "auto" (cudnn on GPU, xla elsewhere).
     """
     B, T, H, D = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    S = k.shape[1]
     if implementation == "auto":
         implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    mask = None
-    if segment_ids is not None or key_mask is not None or T != S:
-        qpos = jnp.arange(S - T, S)
-        mask = (qpos[:, None] >= jnp.arange(S)[None, :])[None]  # [1, T, S]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, :].astype(bool)
-        mask = jnp.broadcast_to(mask, (B, T, S))
+    mask = attention_mask(B, T, S, segment_ids=segment_ids, key_mask=key_mask)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=mask is None, mask=None if mask is None else mask[:, None],
             implementation="cudnn")
     if implementation != "xla":
         raise ValueError(f"attention implementation must be 'auto', 'xla' or 'cudnn', got {implementation!r}")
-    rep = H // Hkv
-    qg = q.reshape(B, T, Hkv, rep, D)
+    Hkv = k.shape[2]
+    probs = attention_probs(q, k, scale=scale, mask=mask, dtype=v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.reshape(B, Hkv, H // Hkv, T, S), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+def attention_mask(B: int, T: int, S: int, *, segment_ids: Array | None = None,
+                   key_mask: Array | None = None) -> Array | None:
+    """[B, T, S] bool (True = may attend) of causal attention whose queries are the last T of S keys,
+    restricted to the same packed document and to real keys; None when plain causal (T == S) suffices."""
+    if segment_ids is None and key_mask is None and T == S:
+        return None
+    qpos = jnp.arange(S - T, S)
+    mask = (qpos[:, None] >= jnp.arange(S)[None, :])[None]  # [1, T, S]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, :].astype(bool)
+    return jnp.broadcast_to(mask, (B, T, S))
+
+
+def attention_probs(q: Array, k: Array, *, scale: float, mask: Array | None, dtype=jnp.float32) -> Array:
+    """Softmax probabilities [B, H, T, S] of q [B, T, H, D] over k [B, S, Hkv, D] (GQA: query head h reads
+    key head h // (H / Hkv)) under ``mask`` [B, T, S] (None: causal); fp32 logits and softmax, then ``dtype``."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qg = q.reshape(B, T, Hkv, H // Hkv, D)
     logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is None:
         mask = jnp.tril(jnp.ones((T, S), bool))[None]
-    probs = _masked_softmax(logits, mask[:, None, None], v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, D).astype(q.dtype)
+    return _masked_softmax(logits, mask[:, None, None], dtype).reshape(B, H, T, S)
 
 
 def _masked_softmax(logits: Array, mask: Array, dtype) -> Array:
@@ -267,6 +270,27 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(nh * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(nkv * hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
+    def project(self, x: Array, *, positions: Array) -> tuple[Array, Array, Array]:
+        """q [B, T, nh, hd], k, v [B, T, nkv, hd] as attention uses them (q, k after QK-norm and RoPE)."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_norm(self.k_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def intermediates(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
+                      key_mask: Array | None = None) -> dict[str, Array]:
+        """What the no-cache forward computes: ``q``, ``k``, ``v`` (see ``project``) and ``probs``
+        [B, nh, T, T], the fp32 attention probabilities (rows of masked queries are zero)."""
+        q, k, v = self.project(x, positions=positions)
+        B, T = x.shape[:2]
+        mask = attention_mask(B, T, T, segment_ids=segment_ids, key_mask=key_mask)
+        probs = attention_probs(q, k, scale=self.head_dim ** -0.5, mask=mask)
+        return dict(q=q, k=k, v=v, probs=probs)
+
     @scoped("attention")
     def __call__(self, x: Array, *, positions: Array, segment_ids: Array | None = None,
                  key_mask: Array | None = None, cache: KVCache | None = None, cache_index=None,
@@ -281,12 +305,7 @@ class Attention(nnx.Module):
         the new tokens, and by slot order).
         """
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_norm(self.k_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, positions=positions)
         scale = self.head_dim ** -0.5
         if cache is None:
             o = causal_attention(q, k, v, scale=scale, segment_ids=segment_ids,
@@ -338,14 +357,20 @@ class GatedDeltaNet(nnx.Module):
     (q, k: [B, T, nk, dk]; v: [B, T, nv, dv]) -> l2norm q, k -> repeat q, k over value heads when
     nv > nk (value head j reads key head j // (nv / nk)) -> gated delta rule with q scaled by dk^-1/2
     -> gated RMSNorm with silu(g_proj(x)) -> o_proj.
+
+    ``backend``, ``kernel_config`` (a ``kernels.PallasConfig``), ``shard_axes`` (a ``kernels.ShardAxes``)
+    and ``mesh`` are passed to ``kernels.gated_delta_rule`` as ``backend``, ``config``, ``shard_axes`` and
+    ``mesh``: the op picks its implementation and, given shard axes, runs itself per shard.
     """
 
-    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, backend: str = "auto", rngs: nnx.Rngs):
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, backend: str = "auto", kernel_config=None,
+                 shard_axes=None, mesh=None, rngs: nnx.Rngs):
         H = cfg.hidden_size
         self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.allow_neg_eigval = cfg.linear_allow_neg_eigval
         self.backend = backend
+        self.kernel_config, self.shard_axes, self.mesh = kernel_config, shard_axes, mesh
         key_dim, value_dim = self.nk * self.dk, self.nv * self.dv
         std = cfg.initializer_range
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -370,6 +395,51 @@ class GatedDeltaNet(nnx.Module):
         self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))
         self.o_norm = GatedRMSNorm(self.dv, eps=1e-5, param_dtype=param_dtype)
 
+    def _streams(self, x: Array, *, segment_ids: Array | None = None, cache: GDNCache | None = None):
+        """(q, k [B, T, nv, dk] after the short convs, repeated over value heads; v [B, T, nv, dv];
+        the updated conv windows (cq, ck, cv), None without a cache)."""
+        B, T, _ = x.shape
+        windows = None
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("GatedDeltaNet: segment_ids cannot be combined with a cache")
+            q, cq = self.q_conv1d(self.q_proj(x), cache=cache.conv_q, return_cache=True)
+            k, ck = self.k_conv1d(self.k_proj(x), cache=cache.conv_k, return_cache=True)
+            v, cv = self.v_conv1d(self.v_proj(x), cache=cache.conv_v, return_cache=True)
+            windows = (cq, ck, cv)
+        else:
+            q = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids)
+            k = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids)
+            v = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids)
+        q = q.reshape(B, T, self.nk, self.dk)
+        k = k.reshape(B, T, self.nk, self.dk)
+        v = v.reshape(B, T, self.nv, self.dv)
+        if self.nv != self.nk:
+            r = self.nv // self.nk
+            q, k = jnp.repeat(q, r, axis=2), jnp.repeat(k, r, axis=2)
+        return q, k, v, windows
+
+    def _transforms(self) -> dict:
+        """The recurrence's input transforms, applied by the kernels (in-kernel on GPU: no extra HBM
+        passes): l2norm of q, k and the gates g, beta from the raw projections a, b."""
+        return dict(use_qk_l2norm_in_kernel=True, A_log=self.A_log[...], dt_bias=self.dt_bias[...],
+                    beta_sigmoid=True, beta_scale=2.0 if self.allow_neg_eigval else 1.0)
+
+    def intermediates(self, x: Array, *, segment_ids: Array | None = None,
+                      padding_mask: Array | None = None) -> dict[str, Array]:
+        """What the no-cache forward feeds the recurrence, as the kernels' transforms make it:
+        ``q``, ``k`` [B, T, nv, dk] (short conv, l2-normalised, fp32, repeated over value heads),
+        ``v`` [B, T, nv, dv], ``g`` (log decay <= 0) and ``beta`` [B, T, nv] fp32, and ``gate``
+        [B, T, nv, dv] (g_proj(x), the output gate's input)."""
+        B, T, _ = x.shape
+        if padding_mask is not None:
+            x = x * padding_mask[:, :, None].astype(x.dtype)
+        q, k, v, _ = self._streams(x, segment_ids=segment_ids)
+        g, beta = gdn_gates(self.a_proj(x), self.b_proj(x), self.A_log[...], self.dt_bias[...],
+                            allow_neg_eigval=self.allow_neg_eigval)
+        return dict(q=l2_normalize(q), k=l2_normalize(k), v=v, g=g, beta=beta,
+                    gate=self.g_proj(x).reshape(B, T, self.nv, self.dv))
+
     @scoped("gdn")
     def __call__(self, x: Array, *, segment_ids: Array | None = None, padding_mask: Array | None = None,
                  cache: GDNCache | None = None):
@@ -382,42 +452,31 @@ class GatedDeltaNet(nnx.Module):
         B, T, _ = x.shape
         if padding_mask is not None:  # HF zeroes left-padding tokens before the projections
             x = x * padding_mask[:, :, None].astype(x.dtype)
-        if cache is not None:
-            if segment_ids is not None:
-                raise ValueError("GatedDeltaNet: segment_ids cannot be combined with a cache")
-            q, cq = self.q_conv1d(self.q_proj(x), cache=cache.conv_q, return_cache=True)
-            k, ck = self.k_conv1d(self.k_proj(x), cache=cache.conv_k, return_cache=True)
-            v, cv = self.v_conv1d(self.v_proj(x), cache=cache.conv_v, return_cache=True)
-        else:
-            q = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids)
-            k = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids)
-            v = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids)
-        q = q.reshape(B, T, self.nk, self.dk)
-        k = k.reshape(B, T, self.nk, self.dk)
-        v = v.reshape(B, T, self.nv, self.dv)
-        if self.nv != self.nk:
-            r = self.nv // self.nk
-            q, k = jnp.repeat(q, r, axis=2), jnp.repeat(k, r, axis=2)
+        q, k, v, windows = self._streams(x, segment_ids=segment_ids, cache=cache)
         a, b = self.a_proj(x), self.b_proj(x)
         scale = self.dk ** -0.5
-        if cache is not None and T == 1:  # decode: one recurrent step on prepared inputs
-            g, beta = gdn_gates(a, b, self.A_log[...], self.dt_bias[...], allow_neg_eigval=self.allow_neg_eigval)
-            o, state = gated_delta_rule_step(l2_normalize(q), l2_normalize(k), v, g, beta, cache.state, scale=scale)
+        if cache is not None and T == 1:  # decode: one recurrent step
+            o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], cache.state, scale=scale,
+                                             **self._transforms())
+            o = o[:, None]
         else:
-            # The kernel l2-normalises q, k and computes the gates from the raw projections itself
-            # (in-kernel on GPU: no extra passes over HBM for the normalised copies).
-            fused = dict(use_qk_l2norm_in_kernel=True, A_log=self.A_log[...], dt_bias=self.dt_bias[...],
-                         beta_sigmoid=True, beta_scale=2.0 if self.allow_neg_eigval else 1.0)
             with jax.named_scope("gdn_core"):
                 o, state = gated_delta_rule(q, k, v, a, b, scale=scale, segment_ids=segment_ids,
                                             initial_state=None if cache is None else cache.state,
-                                            output_final_state=cache is not None, backend=self.backend, **fused)
+                                            output_final_state=cache is not None, backend=self.backend,
+                                            **self._launch(), **self._transforms())
         gate = self.g_proj(x).reshape(B, T, self.nv, self.dv)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.nv * self.dv))
         if cache is None:
             return y
         dt = cache.conv_q.dtype
-        return y, GDNCache(conv_q=cq.astype(dt), conv_k=ck.astype(dt), conv_v=cv.astype(dt), state=state)
+        return y, GDNCache(conv_q=windows[0].astype(dt), conv_k=windows[1].astype(dt), conv_v=windows[2].astype(dt),
+                           state=state)
+
+    def _launch(self) -> dict:
+        """``config``, ``shard_axes`` and ``mesh`` of the kernel call, those set only."""
+        opts = dict(config=self.kernel_config, shard_axes=self.shard_axes, mesh=self.mesh)
+        return {k: v for k, v in opts.items() if v is not None}
 
 
 class MLP(nnx.Module):

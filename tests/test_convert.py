@@ -14,11 +14,24 @@ import pytest
 torch = pytest.importorskip("torch")
 from flax import nnx  # noqa: E402
 
-from hf_utils import (hf_config_dict, hf_from_pretrained, hf_logits, rel_l2, release_checkpoint,  # noqa: E402
-                      release_state_dict, write_checkpoint)
+from hf_utils import (  # noqa: E402
+    hf_config_dict,
+    hf_from_pretrained,
+    hf_logits,
+    rel_l2,
+    release_checkpoint,
+    release_state_dict,
+    write_checkpoint,
+)
 from olmo_hybrid_jax import OlmoHybridConfig, OlmoHybridForCausalLM  # noqa: E402
-from olmo_hybrid_jax.convert import (CheckpointMismatchError, hf_tensor_shapes, load_hf, load_orbax,  # noqa: E402
-                                     main, save_hf, save_orbax)
+from olmo_hybrid_jax.convert import (  # noqa: E402
+    CheckpointMismatchError,
+    hf_tensor_shapes,
+    load_hf,
+    load_orbax,
+    main,
+    save_hf,
+)
 
 DATA = Path(__file__).parent / "data"
 OVERRIDES = dict(linear_num_value_heads=4, num_key_value_heads=2)

@@ -7,8 +7,6 @@ cached logits must equal the uncached forward at every position to 1e-4 relative
 
 from __future__ import annotations
 
-import io
-import sys
 import warnings
 
 import jax
@@ -23,6 +21,7 @@ from olmo_hybrid_jax.cache import GDNCache, KVCache, cache_nbytes, init_cache
 from olmo_hybrid_jax.convert import load_hf, save_hf
 from olmo_hybrid_jax.generate import Sampling, extend, generate, prefill, process_logits
 from olmo_hybrid_jax.generate import main as generate_cli
+from olmo_hybrid_jax.model import with_layout
 from olmo_hybrid_jax.modules import causal_attention, causal_attention_left_padded
 
 torch = pytest.importorskip("torch")
@@ -91,6 +90,20 @@ def test_greedy_eos_matches_transformers(pair):
     P = ids.shape[1]
     first = int(np.argmax(got[1, P:] == eos))
     assert (got[1, P + first + 1:] == PAD).all()
+
+
+def test_scanned_layout_generates_like_transformers(tmp_path):
+    """A scanned model (two 3:1 blocks) loaded from HF runs the cached forward through its stacked blocks."""
+    hf, path = release_checkpoint(tmp_path, seed=11, num_hidden_layers=8,
+                                  layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+                                  + ["full_attention"])
+    ours = load_hf(path, progress=False, gdn_backend="chunked", attention_impl="xla", scan_layers=True)
+    assert ours.scan_layers
+    ids, mask = _prompts(6)
+    ref = _hf_generate(hf, ids, mask, 10, eos_token_id=None)
+    np.testing.assert_array_equal(generate(ours, ids, 10, attention_mask=mask, eos_token_id=()), ref)
+    np.testing.assert_array_equal(generate(with_layout(ours, scan_layers=False), ids, 10, attention_mask=mask,
+                                           eos_token_id=()), ref)
 
 
 # ----------------------------------------------------------------------------------------- vs the full forward

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")  # the `test` extra installs it; CI always has it
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from hf_utils import hf_from_pretrained, hf_logits, rel_l2, release_checkpoint  # noqa: E402

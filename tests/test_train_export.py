@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from olmo_hybrid_jax.convert import load_hf
+from olmo_hybrid_jax.model import with_layout
 from olmo_hybrid_jax.train.config import load_config
 from olmo_hybrid_jax.train.export import load_run_model, main
-from olmo_hybrid_jax.train.stack import from_list_model
 from olmo_hybrid_jax.train.trainer import run
 
 
@@ -25,7 +25,7 @@ def test_export_run(tmp_path, scan):
     assert np.isfinite(logits).all()
     assert not np.allclose(logits, np.asarray(model1(ids)))  # step 2 differs from step 1
     # the scanned twin computes the same function
-    np.testing.assert_allclose(np.asarray(from_list_model(model)(ids)), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(with_layout(model, scan_layers=True)(ids)), logits, rtol=1e-5, atol=1e-5)
     assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     np.testing.assert_allclose(np.asarray(load_hf(tmp_path / "hf", progress=False)(ids)), logits, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="no checkpoint for step 7"):

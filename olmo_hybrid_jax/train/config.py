@@ -13,9 +13,10 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -34,7 +35,8 @@ class ModelConfig:
     param_dtype: str = "float32"         # master weights
     compute_dtype: str = "bfloat16"      # matmuls / activations
     gdn_backend: str = "auto"            # kernels.gated_delta_rule backend
-    shard_gdn: bool = True               # run the GDN kernel under shard_map (batch/heads) on >1 device
+    gdn_kernel: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # kernels.PallasConfig fields; {} = tuned
+    shard_gdn: bool = True               # run the GDN kernel per shard (batch/heads over the mesh) on >1 device
     attention_impl: str = "auto"         # auto | xla | cudnn
     scan_layers: bool = True             # scan over periodic (3 GDN + 1 attention) blocks
     remat: str = "full"                  # none | full | dots | dots_no_batch
@@ -109,11 +111,11 @@ class Config:
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> Config:
         return dataclasses.replace(self, **sections)
 
 
-_FREE_MAPPINGS = {("model", "overrides"), ("mesh", "rules")}  # free-form dicts (validated downstream)
+_FREE_MAPPINGS = {("model", "overrides"), ("model", "gdn_kernel"), ("mesh", "rules")}  # validated downstream
 
 
 def _to_plain(x):
@@ -277,10 +279,11 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    from olmo_hybrid_jax.train.stack import REMAT_POLICIES
+    from olmo_hybrid_jax.model import REMAT_POLICIES
     from olmo_hybrid_jax.train.optim import NO_DECAY_GROUPS
 
     req(cfg.model.remat in REMAT_POLICIES, f"model.remat={cfg.model.remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    gdn_kernel_config(cfg.model)
     for name in ("param_dtype", "compute_dtype"):
         v = getattr(cfg.model, name)
         req(v in ("float32", "bfloat16", "float16"), f"model.{name}={v!r}; choose float32, bfloat16 or float16")
@@ -311,6 +314,25 @@ def validate(cfg: Config) -> None:
         f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by train.grad_accum_steps={k} "
         "(each optimizer step splits the global batch into that many equal microbatches)")
     req(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+
+
+def gdn_kernel_config(m: ModelConfig):
+    """``model.gdn_kernel`` as a ``kernels.PallasConfig`` (None when empty: the kernels' tuned table); each key
+    must be a PallasConfig field and each value of that field's type."""
+    if not m.gdn_kernel:
+        return None
+    from olmo_hybrid_jax.kernels import PallasConfig
+
+    hints = typing.get_type_hints(PallasConfig)
+    kwargs = {}
+    for k, v in m.gdn_kernel.items():
+        if k not in hints:
+            raise ConfigError(f"model.gdn_kernel: unknown PallasConfig field {k!r}{_suggest(str(k), hints)}")
+        kwargs[k] = _coerce(v, hints[k], f"model.gdn_kernel.{k}")
+    try:
+        return PallasConfig(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model.gdn_kernel: {e}") from e
 
 
 def dump_yaml(cfg: Config) -> str:

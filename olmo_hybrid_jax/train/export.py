@@ -3,8 +3,8 @@
     python -m olmo_hybrid_jax.train.export RUN_DIR HF_DIR [--step N] [--dtype bfloat16]
 
 ``load_run_model(run_dir)`` restores the parameters of a training checkpoint (the latest, or ``step``)
-into the list-layout model that ``generate``, ``probe`` and ``convert.save_hf`` take, whatever layout
-(scanned or list) the run trained with.
+into an ``OlmoHybridForCausalLM`` in the list layout (``scan_layers=True`` for the scanned one), whatever
+layout the run trained with.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import sys
 from pathlib import Path
 
 import jax
-from flax import nnx
 
-from olmo_hybrid_jax.model import OlmoHybridForCausalLM
+from olmo_hybrid_jax.model import OlmoHybridForCausalLM, from_list_params, stacked_to_list
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs) -> OlmoHybridForCausalLM:
-    """Restore the fp32 master weights of ``run_dir``'s checkpoint ``step`` (default: the latest)."""
+    """Restore the fp32 master weights of ``run_dir``'s checkpoint ``step`` (default: the latest).
+
+    ``model_kwargs`` override the run's construction options (dtypes, backends); unless given, the model
+    has the list layout, no remat and an unsharded GDN op.
+    """
     from olmo_hybrid_jax.train.checkpoint import Checkpointer
     from olmo_hybrid_jax.train.config import load_config
-    from olmo_hybrid_jax.train.stack import stacked_to_list
     from olmo_hybrid_jax.train.trainer import Trainer, _abstract_with_shardings
 
     run_dir = Path(run_dir)
@@ -46,11 +48,9 @@ def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs)
     params = jax.device_get(state["params"])
     if trainer.scanned:
         params = stacked_to_list(params, trainer.mcfg)
-    kwargs = {**trainer.kw, **model_kwargs}
-    abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(trainer.mcfg, rngs=nnx.Rngs(0), **kwargs))
-    graphdef, abstract_state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(abstract_state, params)
-    return nnx.merge(graphdef, abstract_state)
+    kwargs = {**trainer.kw, "scan_layers": False, "remat": "none", "gdn_shard_axes": None, "gdn_mesh": None,
+              **model_kwargs}
+    return from_list_params(trainer.mcfg, params, **kwargs)
 
 
 def main(argv=None) -> int:

@@ -32,13 +32,12 @@ import numpy as np
 from flax import nnx
 
 from olmo_hybrid_jax.config import OlmoHybridConfig
+from olmo_hybrid_jax.model import OlmoHybridForCausalLM, list_to_stacked
 from olmo_hybrid_jax.train import sharding as shd
-from olmo_hybrid_jax.train.config import Config, ConfigError, dump_yaml
+from olmo_hybrid_jax.train.config import Config, ConfigError, dump_yaml, gdn_kernel_config, validate
 from olmo_hybrid_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from olmo_hybrid_jax.train.loss import cross_entropy_sums, token_count
 from olmo_hybrid_jax.train.optim import make_optimizer
-from olmo_hybrid_jax.train.stack import (ScannedOlmoHybridForCausalLM, build_model, hidden_states, list_to_stacked,
-                                         lm_head_kernel)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -89,8 +88,11 @@ def model_config(cfg: Config) -> OlmoHybridConfig:
 
 
 def model_kwargs(cfg: Config) -> dict:
-    return dict(param_dtype=DTYPES[cfg.model.param_dtype], dtype=DTYPES[cfg.model.compute_dtype],
-                gdn_backend=cfg.model.gdn_backend, attention_impl=cfg.model.attention_impl)
+    """``OlmoHybridForCausalLM``'s construction options from ``model.*`` (the GDN sharding is the mesh's: Trainer)."""
+    m = cfg.model
+    return dict(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.compute_dtype], gdn_backend=m.gdn_backend,
+                attention_impl=m.attention_impl, scan_layers=m.scan_layers, remat=m.remat,
+                gdn_kernel=gdn_kernel_config(m))
 
 
 def load_init_params(cfg: Config, mcfg: OlmoHybridConfig, scanned: bool) -> dict:
@@ -130,6 +132,7 @@ class Trainer:
     """Everything a run needs; ``run`` drives it. Usable from tests and benchmarks."""
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None, *, devices=None):
+        validate(cfg)  # load_config did, but a Config may be built or replaced by hand
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir is not None else None
         self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
@@ -140,12 +143,7 @@ class Trainer:
         if dc.global_batch_size % ndata:
             raise ConfigError(f"data.global_batch_size={dc.global_batch_size} is not divisible by the "
                               f"{ndata} data-parallel shards (mesh data x fsdp)")
-        accum = cfg.train.grad_accum_steps  # (load_config checks these two; a hand-built Config may not)
-        if accum < 1:
-            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {accum}")
-        if dc.global_batch_size % accum:
-            raise ConfigError(f"data.global_batch_size={dc.global_batch_size} is not divisible by "
-                              f"train.grad_accum_steps={accum}")
+        accum = cfg.train.grad_accum_steps
         self.micro_batch_size = mb = dc.global_batch_size // accum
         if mb % ndata:
             raise ConfigError(f"train.grad_accum_steps={accum} makes microbatches of {mb} rows "
@@ -153,13 +151,8 @@ class Trainer:
                               f"{ndata} data-parallel shards (mesh data x fsdp)")
         self.eos_id = dc.eos_token_id if dc.eos_token_id is not None else self._model_eos()
         self.kw = model_kwargs(cfg)
-        if cfg.model.shard_gdn and self.mesh.size > 1:
-            from olmo_hybrid_jax.train.kernel_sharding import register_sharded_backend
-
-            self.kw["gdn_backend"] = register_sharded_backend(self.mesh, self.rules, cfg.model.gdn_backend)
-        abstract = nnx.eval_shape(lambda: build_model(self.mcfg, scan_layers=cfg.model.scan_layers,
-                                                      rngs=nnx.Rngs(0), **self.kw))
-        self.scanned = isinstance(abstract, ScannedOlmoHybridForCausalLM)
+        abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(0), **self.kw))
+        self.scanned = abstract.scan_layers
         self.graphdef, abstract_state = nnx.split(abstract)
         self.abstract_params = nnx.to_pure_dict(abstract_state)
         self.param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
@@ -202,7 +195,7 @@ class Trainer:
             params = jax.tree.map(lambda x, s: jax.device_put(x, s), host, self.state_sharding["params"])
         else:
             def init_params():
-                m = build_model(self.mcfg, scan_layers=cfg.model.scan_layers, rngs=nnx.Rngs(seed), **self.kw)
+                m = OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(seed), **self.kw)
                 return nnx.to_pure_dict(nnx.state(m))
 
             params = jax.jit(init_params, out_shardings=self.state_sharding["params"])()
@@ -235,11 +228,10 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         tokens = batch["tokens"]
         doc = cfg.data.document_aware
-        h = hidden_states(model, tokens, positions=batch["positions"] if doc else None,
-                          segment_ids=batch["segment_ids"] if doc else None, remat=cfg.model.remat,
-                          act_sharding=self.act_sharding)
+        h = model.model(tokens, positions=batch["positions"] if doc else None,
+                        segment_ids=batch["segment_ids"] if doc else None, act_sharding=self.act_sharding)
         labels, mask = (batch["labels"], batch["mask"]) if "mask" in batch else self.targets(tokens)
-        total, ce_sum, z_sum = cross_entropy_sums(h, lm_head_kernel(model), labels, mask, z_loss=cfg.optim.z_loss,
+        total, ce_sum, z_sum = cross_entropy_sums(h, model.lm_head_kernel(), labels, mask, z_loss=cfg.optim.z_loss,
                                                   chunk=cfg.train.loss_chunk, compute_dtype=cdt,
                                                   logits_sharding=self.logits_sharding)
         count = token_count(mask) if count is None else count
@@ -412,7 +404,8 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
         ckpt.close()
     reached = last_row.get("step", start_step)
     summary = {"last": last_row, "start_step": start_step, "steps": reached, "wall_s": time.time() - t_start}
-    log(f"{'done' if reached >= total else 'stopped'}: step {reached} of {total}, loss {last_row.get('loss', float('nan')):.4f}, {summary['wall_s']:.1f}s; "
+    log(f"{'done' if reached >= total else 'stopped'}: step {reached} of {total}, "
+        f"loss {last_row.get('loss', float('nan')):.4f}, {summary['wall_s']:.1f}s; "
         f"checkpoints {ckpt.all_steps()} in {out / 'checkpoints'}")
     return summary
 
