@@ -4,6 +4,8 @@ Per (b, h), with state S in R^{K x V} (fp32):
 
     S <- exp(g) S;   S <- S + k (beta (v - S^T k))^T;   o = S^T (scale q)
 
+(``common.delta_rule_token``, the same update the token-by-token oracle runs.)
+
 Plain JAX on purpose: one step reads and writes the [B, H, K, V] state once and
 does O(K V) work per head, so it is bound by the state's bytes; XLA fuses the
 whole step into a couple of passes over the state, and a custom kernel could
@@ -12,12 +14,10 @@ not move fewer bytes. Rounding: fp32 throughout, o rounded once to v.dtype.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from .common import delta_rule_token
 from .gates import InputTransforms, apply_input_transforms
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def gated_delta_rule_step(
@@ -60,9 +60,5 @@ def gated_delta_rule_step(
     tr = InputTransforms(qk_l2norm=bool(use_qk_l2norm_in_kernel), gate=A_log is not None,
                          beta_sigmoid=bool(beta_sigmoid), beta_scale=float(beta_scale))
     q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
-    S = jnp.exp(g)[..., None, None] * state.astype(jnp.float32)
-    pred = jnp.einsum("bhk,bhkv->bhv", k, S, precision=_HI)
-    delta = beta[..., None] * (v.astype(jnp.float32) - pred)
-    S = S + k[..., :, None] * delta[..., None, :]
-    o = jnp.einsum("bhk,bhkv->bhv", scale * q, S, precision=_HI)
+    o, S = delta_rule_token(state.astype(jnp.float32), q, k, v.astype(jnp.float32), g, beta, scale=scale)
     return o.astype(v.dtype), S

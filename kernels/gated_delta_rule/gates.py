@@ -41,10 +41,6 @@ class InputTransforms:
     beta_sigmoid: bool = False
     beta_scale: float = 1.0
 
-    @property
-    def any(self) -> bool:
-        return self.qk_l2norm or self.gate or self.beta_sigmoid or self.beta_scale != 1.0
-
 
 NO_TRANSFORMS = InputTransforms()
 

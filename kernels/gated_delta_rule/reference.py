@@ -9,9 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .common import segment_starts
-
-_HI = jax.lax.Precision.HIGHEST  # keep fp32 dots fp32 on GPU/TPU (no TF32/bf16 passes)
+from .common import delta_rule_token, segment_starts
 
 
 def sequential_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None, segment_ids=None):
@@ -48,11 +46,7 @@ def sequential_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None, 
     def step(S, xs):
         q_t, k_t, v_t, g_t, b_t, r_t = xs  # [B,H,K] [B,H,K] [B,H,V] [B,H] [B,H] [B]
         S = jnp.where(r_t[:, None, None, None], 0.0, S)  # segment restart: forget everything
-        S = jnp.exp(g_t)[..., None, None] * S
-        pred = jnp.einsum("bhk,bhkv->bhv", k_t, S, precision=_HI)
-        delta = b_t[..., None] * (v_t - pred)
-        S = S + k_t[..., :, None] * delta[..., None, :]
-        o_t = jnp.einsum("bhk,bhkv->bhv", scale * q_t, S, precision=_HI)
+        o_t, S = delta_rule_token(S, q_t, k_t, v_t, g_t, b_t, scale=scale)
         return S, o_t
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)  # scan runs over the leading axis
