@@ -16,6 +16,7 @@ import pytest
 
 from olmo_hybrid_jax.kernels import BACKENDS, ChunkConfig, gated_delta_rule, shapes_supported
 from olmo_hybrid_jax.kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
+from gdn_helpers import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 jax.config.update("jax_enable_x64", False)
 
@@ -23,82 +24,8 @@ jax.config.update("jax_enable_x64", False)
 # --------------------------------------------------------------------------- helpers
 
 
-def np_gated_delta_rule(q, k, v, g, beta, scale, initial_state=None, segment_ids=None):
-    """Independent float64 token-by-token recurrence (the spec, literally)."""
-    q, k, v, g, beta = (np.asarray(x, np.float64) for x in (q, k, v, g, beta))
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    o = np.zeros((B, T, H, V))
-    final = np.zeros((B, H, K, V))
-    for b in range(B):
-        for h in range(H):
-            S = np.zeros((K, V)) if initial_state is None else np.asarray(initial_state[b, h], np.float64).copy()
-            for t in range(T):
-                if segment_ids is not None and t >= 1 and segment_ids[b, t] != segment_ids[b, t - 1]:
-                    S = np.zeros((K, V))
-                S = np.exp(g[b, t, h]) * S
-                kt = k[b, t, h]
-                S = S + np.outer(kt, beta[b, t, h] * (v[b, t, h] - S.T @ kt))
-                o[b, t, h] = S.T @ (scale * q[b, t, h])
-            final[b, h] = S
-    return o, final
-
-
 # Jitted entry used by most tests: one compile per shape instead of op-by-op dispatch.
 gdr = jax.jit(gated_delta_rule, static_argnames=("scale", "output_final_state", "backend"))
-
-
-def l2norm(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_inputs(seed, B, T, H, K, V, g_range=(0.005, 5.0), init=True, dtype=jnp.float32):
-    """l2-normalised q, k (as the model passes them), |g| log-uniform in g_range, beta in (0, 2)."""
-    rng = np.random.default_rng(seed)  # numpy RNG: no per-shape compiles
-    q = l2norm(rng.standard_normal((B, T, H, K)))
-    k = l2norm(rng.standard_normal((B, T, H, K)))
-    v = rng.standard_normal((B, T, H, V))
-    g = -np.exp(rng.uniform(np.log(g_range[0]), np.log(g_range[1]), (B, T, H)))
-    beta = rng.uniform(0.01, 1.99, (B, T, H))
-    s0 = rng.standard_normal((B, H, K, V)) if init else None
-    cast = lambda x: None if x is None else jnp.asarray(x, jnp.float32).astype(dtype)
-    return tuple(cast(x) for x in (q, k, v, g, beta)) + (cast(s0),)
-
-
-def make_segments(kind, B, T, seed=0):
-    """int32 [B, T] segment ids with restarts of the requested kind (or None)."""
-    if kind is None:
-        return None
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in range(B):
-        starts = set()
-        if kind == "chunk_boundary":
-            starts |= {t for t in (64, 128) if t < T}
-        elif kind == "inside":
-            starts |= {t for t in (37, 100) if t < T}
-        elif kind == "t1":
-            starts |= {1} if T > 1 else set()
-        elif kind == "short":
-            t = 0
-            while t < T:
-                t += int(rng.integers(1, 6))
-                starts.add(t)
-        elif kind == "mixed":
-            starts |= {t for t in (1, 5, 6, 64, 70, 127) if t < T}  # 127: one-token segment carried into chunk 2
-        else:
-            raise AssertionError(kind)
-        if b == 1:  # rows differ: second row also restarts inside the first chunk
-            starts |= {t for t in (20,) if t < T}
-        ids = np.cumsum([1 if t in starts else 0 for t in range(T)])
-        rows.append(ids)
-    return jnp.asarray(np.stack(rows), jnp.int32)
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    denom = max(np.abs(ref).max(), 1e-30)
-    return np.abs(x - ref).max() / denom
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
@@ -335,3 +262,48 @@ def test_bad_inputs_raise(mutate, match):
         gated_delta_rule(
             args.pop("q"), args.pop("k"), args.pop("v"), args.pop("g"), args.pop("beta"), **args
         )
+
+
+def test_config_and_shard_axes_errors():
+    """A config of another backend, shard_axes without a mesh, unknown mesh axes: one clear error each."""
+    from olmo_hybrid_jax.kernels import PallasConfig, ShardAxes
+
+    q = jnp.zeros((1, 4, 1, 8))
+    v, g = jnp.zeros((1, 4, 1, 8)), jnp.zeros((1, 4, 1))
+    with pytest.raises(ValueError, match="'chunked' takes a ChunkConfig or None"):
+        gated_delta_rule(q, q, v, g, g, backend="chunked", config=PallasConfig())
+    with pytest.raises(ValueError, match="'sequential' takes no config"):
+        gated_delta_rule(q, q, v, g, g, backend="sequential", config=ChunkConfig())
+    with pytest.raises(ValueError, match="shard_axes needs a mesh"):
+        gated_delta_rule(q, q, v, g, g, backend="chunked", shard_axes=ShardAxes(batch="data"))
+    mesh = jax.make_mesh((1,), ("data",))
+    with pytest.raises(ValueError, match=r"mesh axes \['tensor'\]"):
+        gated_delta_rule(q, q, v, g, g, backend="chunked", shard_axes=ShardAxes(heads="tensor"), mesh=mesh)
+    with pytest.raises(ValueError, match="only used with shard_axes"):
+        gated_delta_rule(q, q, v, g, g, backend="chunked", mesh=mesh)
+    with pytest.raises(ValueError, match="one dim only"):
+        ShardAxes(batch=("data",), heads="data")
+    with pytest.raises(ValueError, match="power of two"):
+        PallasConfig(block_v=48)
+    # a ChunkConfig reaches the chunked backend: chunk size 16 gives the same function
+    o16 = gated_delta_rule(*[jnp.ones_like(x) * 0.1 for x in (q, q, v)], g - 0.1, g + 0.5, backend="chunked",
+                           config=ChunkConfig(16))[0]
+    o64 = gated_delta_rule(*[jnp.ones_like(x) * 0.1 for x in (q, q, v)], g - 0.1, g + 0.5, backend="chunked")[0]
+    np.testing.assert_allclose(np.asarray(o16), np.asarray(o64), rtol=1e-5, atol=1e-6)
+
+
+def test_tuned_pallas_config_table():
+    """The table's most specific row wins, then the any-device row; configs are validated."""
+    from olmo_hybrid_jax.kernels import PallasConfig, tuned_pallas_config
+    from olmo_hybrid_jax.kernels.gated_delta_rule import config as cfg_mod
+
+    special = PallasConfig(block_v_fused=32)
+    table = dict(cfg_mod.TUNED_PALLAS_CONFIGS)
+    try:
+        cfg_mod.TUNED_PALLAS_CONFIGS[("NVIDIA H200", 96, 192)] = special
+        assert tuned_pallas_config("NVIDIA H200", 96, 192) is special
+        assert tuned_pallas_config("NVIDIA H200", 128, 256) == cfg_mod.TUNED_PALLAS_CONFIGS[("NVIDIA H200", None, None)]
+        assert tuned_pallas_config("some new card", 96, 192) == cfg_mod.TUNED_PALLAS_CONFIGS[("*", None, None)]
+    finally:
+        cfg_mod.TUNED_PALLAS_CONFIGS.clear()
+        cfg_mod.TUNED_PALLAS_CONFIGS.update(table)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from olmo_hybrid_jax.kernels import gated_delta_rule, gated_delta_rule_step
-from test_gated_delta_rule import make_inputs, make_segments, np_gated_delta_rule, rel_err
+from gdn_helpers import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 BACKENDS = ("sequential", "chunked", "associative_scan", "pallas")
 
@@ -99,20 +99,16 @@ def test_options_gradients_wrt_raw_inputs(backend):
         assert rel_err(x, r) < 5e-5, (backend, name, rel_err(x, r))
 
 
-@pytest.mark.parametrize("cfg", [dict(output_off_chain=True), dict(precompute_qk=True),
-                                 dict(output_off_chain=True, precompute_qk=True, split_k=True),
-                                 dict(scale_after_dot=False, prefetch_fused=False),
-                                 dict(split_k=True)],
-                         ids=["off_chain", "precomputed_qk", "both_split_k", "scale_before_dot",
-                              "default_split_k"])
-def test_options_pallas_walk_variants(cfg):
-    """The fused walk's operand variants (gdn_wu writing Q' / P' or diag(gq) Q / diag(e) K from
-    l2-normalised q, k; normalised tiles into the dots, or raw tiles with the norms scaling
-    the results (the default)) with the in-kernel transforms: values and every gradient vs the oracle."""
-    from olmo_hybrid_jax.kernels.gated_delta_rule.config import PallasConfig
+@pytest.mark.parametrize("variant", ["narrow_v", "wide_v"])
+def test_options_pallas_walk_variants(variant):
+    """The registered launch variants with other V-block widths, with the in-kernel transforms
+    (l2-normalised q, k whose norms scale the state dots' results; the gate; beta from logits):
+    values and every gradient vs the oracle. (The default launch: test_options_gradients_wrt_raw_inputs.)"""
+    from olmo_hybrid_jax.kernels import PALLAS_VARIANTS
     from olmo_hybrid_jax.kernels.gated_delta_rule.gates import InputTransforms
     from olmo_hybrid_jax.kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
 
+    cfg = PALLAS_VARIANTS[variant]
     B, T, H, K, V = 2, 70, 2, 12, 20
     q, k, v, a, b, A_log, dt_bias, s0 = raw_inputs(8, B, T, H, K, V)
     seg = make_segments("mixed", B, T)
@@ -122,11 +118,11 @@ def test_options_pallas_walk_variants(cfg):
 
     def f(q, k, v, a, b, A_log, dt_bias, s0):
         return pallas_gated_delta_rule(q, k, v, a, b, scale=K ** -0.5, initial_state=s0, segment_ids=seg,
-                                       transforms=tr, A_log=A_log, dt_bias=dt_bias, config=PallasConfig(**cfg))
+                                       transforms=tr, A_log=A_log, dt_bias=dt_bias, config=cfg)
 
     out = jax.jit(functools.partial(vjp_all_raw, f))(q, k, v, a, b, A_log, dt_bias, s0, ct_o, ct_s)
     for name, x, r in zip(GRAD_NAMES, out, ref):
-        assert rel_err(x, r) < 5e-5, (cfg, name, rel_err(x, r))
+        assert rel_err(x, r) < 5e-5, (variant, name, rel_err(x, r))
 
 
 def test_options_pallas_float16_small_norm_keys():

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from olmo_hybrid_jax.kernels import PallasConfig, gated_delta_rule, shapes_supported
+from olmo_hybrid_jax.kernels import PALLAS_VARIANTS, PallasConfig, gated_delta_rule, shapes_supported
 from olmo_hybrid_jax.kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
-from test_gated_delta_rule import make_inputs, make_segments, rel_err
+from gdn_helpers import make_inputs, make_segments, rel_err
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
@@ -32,6 +32,12 @@ def vjp_all(q, k, v, g, beta, s0, seg, ct_o, ct_s, *, backend):
 
 
 NAMES = ("o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0")
+
+# Interpret mode ignores warps and pipeline stages, so on CPU only the variants with other block
+# widths compute differently; those (and the default) are the ones checked here.
+_BLOCKS = lambda c: (c.block_v_walk, c.block_v, c.block_v_fused)  # noqa: E731
+BLOCK_VARIANTS = ["default"] + sorted(n for n, c in PALLAS_VARIANTS.items()
+                                      if _BLOCKS(c) != _BLOCKS(PALLAS_VARIANTS["default"]))
 
 CASES = [
     # id, B, T, H, K, V, g_range, seg_kind, dtype
@@ -91,9 +97,7 @@ def test_pallas_block_sizes_and_no_initial_state():
     q, k, v, g, beta, _ = make_inputs(11, B, T, H, K, V)
     seg = make_segments("mixed", B, T)
     o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, segment_ids=seg, output_final_state=True, backend="sequential")
-    for cfg in (PallasConfig(block_v_walk=16, block_v=32, block_v_fused=16),
-                PallasConfig(block_v_walk=64, block_v=16, block_v_fused=32, split_k=True),
-                PallasConfig(fused_output=False, block_v_walk=32)):
+    for cfg in (PALLAS_VARIANTS[n] for n in BLOCK_VARIANTS):
         o, s = jax.jit(functools.partial(pallas_gated_delta_rule, scale=K ** -0.5, config=cfg))(
             q, k, v, g, beta, segment_ids=seg)
         assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5, cfg
@@ -116,22 +120,11 @@ def test_pallas_dispatch_and_limits():
         gated_delta_rule(x, x, jnp.zeros((1, 4, 1, 8)), jnp.zeros((1, 4, 1)), jnp.zeros((1, 4, 1)), backend="pallas")
 
 
-@pytest.mark.parametrize("cfg", [
-    PallasConfig(fused_output=False),
-    PallasConfig(split_k=True),  # K = 100 as 64 + 32 + 16 column tiles
-    PallasConfig(split_k=True, fused_output=False, block_v_fused=16),
-    PallasConfig(precompute_qk=True),  # gdn_wu writes diag(gq) Q and diag(e) K for the walk
-    PallasConfig(split_k=True, precompute_qk=True),
-    PallasConfig(output_off_chain=True),  # O = P' diag(beta) V + Q' S
-    PallasConfig(split_k=True, output_off_chain=True, precompute_qk=True),
-    PallasConfig(scale_after_dot=False, prefetch_fused=False),  # diag(gq) Q and diag(e) K into the dots
-    PallasConfig(scale_after_dot=False),  # prefetch alone
-    PallasConfig(split_k=True, prefetch_fused=False),  # scale_after_dot alone
-], ids=["unfused", "split_k", "split_k_unfused", "precomputed_qk", "split_k_precomputed_qk", "off_chain",
-        "split_k_off_chain_precomputed", "scale_before_dot", "prefetch_only", "split_k_no_prefetch"])
-def test_pallas_configs_values_and_grads(cfg):
-    """The launch variants (fused or separate output kernel, K split or padded) compute the same
-    function and gradients as the oracle, at a K that splits into three tiles."""
+@pytest.mark.parametrize("variant", BLOCK_VARIANTS)
+def test_pallas_configs_values_and_grads(variant):
+    """The registered launch variants compute the same function and gradients as the oracle, at a
+    K (100) that pads to 128 in registers and a V that the blocks cut with a masked remainder."""
+    cfg = PALLAS_VARIANTS[variant]
     B, T, H, K, V = 1, 70, 1, 100, 20
     q, k, v, g, beta, s0 = make_inputs(21, B, T, H, K, V, g_range=(0.005, 5.0))
     seg = make_segments("inside", B, T)
@@ -157,8 +150,7 @@ def test_pallas_plain_forward_equals_differentiated_forward():
     the same output and final state, bit for bit in fp32 and in bf16."""
     B, T, H, K, V = 2, 90, 2, 96, 40
     for dtype, cfg in ((jnp.float32, PallasConfig()), (jnp.bfloat16, PallasConfig()),
-                       (jnp.bfloat16, PallasConfig(output_off_chain=True)),
-                       (jnp.bfloat16, PallasConfig(scale_after_dot=False, prefetch_fused=False))):
+                       (jnp.bfloat16, PALLAS_VARIANTS["narrow_v"])):
         q, k, v, g, beta, s0 = make_inputs(4, B, T, H, K, V, dtype=dtype)
         s0 = s0.astype(jnp.float32)
         f = functools.partial(pallas_gated_delta_rule, scale=K ** -0.5, config=cfg)

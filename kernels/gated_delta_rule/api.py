@@ -5,7 +5,8 @@ Contract (arrays in, arrays out; no model knowledge):
     gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
                      segment_ids=None, output_final_state=False, backend="auto",
                      use_qk_l2norm_in_kernel=False, A_log=None, dt_bias=None,
-                     beta_sigmoid=False, beta_scale=1.0)
+                     beta_sigmoid=False, beta_scale=1.0, config=None, mesh=None,
+                     shard_axes=None)
         -> (o, final_state)
 
     q, k          [B, T, H, K]    floating
@@ -32,6 +33,14 @@ differentiable w.r.t. the raw inputs):
 The pallas backend applies them to the tiles it loads (no extra HBM pass); the
 others apply them in plain JAX before the recurrence.
 
+Launch parameters: ``config`` is the resolved backend's own block-size dataclass (``PallasConfig``
+for "pallas", None = the tuned table ``config.TUNED_PALLAS_CONFIGS`` for this device and K, V;
+``ChunkConfig`` for "chunked" / "associative_scan"; "sequential" takes none).
+
+Sharding: with ``shard_axes=ShardAxes(batch=(...), heads=(...))`` (mesh axis names) the resolved
+backend runs per shard inside ``jax.shard_map`` over ``mesh`` (or the context mesh), batch and heads
+split as named (``sharding.py``): the kernels' custom calls never meet XLA's partitioner.
+
 Backends: "sequential" (token-by-token oracle), "chunked" (WY form, lax.scan
 over chunks), "associative_scan" (WY form, associative scan over per-chunk
 affine maps), "pallas" (Triton kernels; interpret mode on CPU). "auto" is
@@ -54,8 +63,10 @@ import numpy as np
 
 from . import pallas_gpu
 from .associative_scan import associative_scan_gated_delta_rule
+from .config import ChunkConfig, PallasConfig
 from .gates import InputTransforms, apply_input_transforms
 from .reference import sequential_gated_delta_rule
+from .sharding import ShardAxes, resolve_mesh, run_sharded
 from .xla_chunked import chunked_gated_delta_rule
 
 
@@ -71,23 +82,26 @@ class Backend:
     fused: fn takes the caller's dtypes and the transforms itself, as extra
         keywords transforms=InputTransforms, A_log=, dt_bias=.
     platforms: where "auto" may pick it (None: anywhere).
+    config_type: the launch-parameter dataclass fn takes as ``config=`` (None: takes none).
     """
 
     fn: Callable
     supports: Callable[..., Optional[str]] = lambda q, k, v, platform: None
     fused: bool = False
     platforms: Optional[tuple[str, ...]] = None
+    config_type: Optional[type] = None
 
 
 BACKENDS: dict[str, Backend] = {
     "sequential": Backend(sequential_gated_delta_rule),
-    "chunked": Backend(chunked_gated_delta_rule),
-    "associative_scan": Backend(associative_scan_gated_delta_rule),
+    "chunked": Backend(chunked_gated_delta_rule, config_type=ChunkConfig),
+    "associative_scan": Backend(associative_scan_gated_delta_rule, config_type=ChunkConfig),
     "pallas": Backend(
         pallas_gpu.pallas_gated_delta_rule,
         supports=pallas_gpu.supports,
         fused=True,
         platforms=("gpu", "cuda"),
+        config_type=PallasConfig,
     ),
 }
 
@@ -231,12 +245,16 @@ def gated_delta_rule(
     dt_bias=None,
     beta_sigmoid=False,
     beta_scale=1.0,
+    config=None,
+    mesh=None,
+    shard_axes=None,
 ):
     """Gated delta rule; see the module docstring for shapes, math and options.
 
     Returns (o in v.dtype [B, T, H, V], final_state float32 [B, H, K, V] or None).
     Raises ValueError naming the problem for bad shapes/dtypes or an unknown
-    backend, and for a backend that cannot take the input.
+    backend, for a backend that cannot take the input, for a ``config`` of
+    another backend and for ``shard_axes`` without a usable mesh.
     """
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"unknown gated_delta_rule backend {backend!r}; valid: {_valid_names()}")
@@ -251,6 +269,17 @@ def gated_delta_rule(
     problem = be.supports(q, k, v, _platform())
     if problem is not None:
         raise ValueError(f"gated_delta_rule backend {name!r} cannot take this input: {problem}")
+    if config is not None and (be.config_type is None or not isinstance(config, be.config_type)):
+        want = "no config" if be.config_type is None else f"a {be.config_type.__name__} or None"
+        raise ValueError(f"gated_delta_rule backend {name!r} takes {want}, got config={config!r}")
+    if shard_axes is not None:
+        if not isinstance(shard_axes, ShardAxes):
+            raise ValueError(f"shard_axes must be a ShardAxes, got {type(shard_axes).__name__}")
+        mesh, problem = resolve_mesh(mesh, shard_axes)
+        if problem is not None:
+            raise ValueError(f"gated_delta_rule: {problem}")
+    elif mesh is not None:
+        raise ValueError("gated_delta_rule: mesh= is only used with shard_axes=ShardAxes(...); pass both")
 
     K = q.shape[-1]
     if scale is None:
@@ -258,28 +287,30 @@ def gated_delta_rule(
     elif not isinstance(scale, (int, float, np.floating, np.integer)):
         raise ValueError(f"scale must be a static Python number or None, got {type(scale).__name__}")
     scale = float(scale)
+    opts = {} if config is None else {"config": config}
 
     f32 = jnp.float32
-    if be.fused:
-        o, final_state = be.fn(
-            q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-            transforms=tr, A_log=A_log, dt_bias=dt_bias,
-        )
-    else:
+
+    def run(q, k, v, g, beta, initial_state, segment_ids, A_log, dt_bias):
+        if be.fused:
+            return be.fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                         transforms=tr, A_log=A_log, dt_bias=dt_bias, **opts)
         if initial_state is None and q.shape[1] > 0:
             # Zeros derived from k and v: inside a user's shard_map they vary over the same mesh
             # axes as the inputs (a constant would not, and lax.scan's carry types would differ).
             initial_state = (k[:, 0, :, :, None] * 0).astype(f32) * (v[:, 0, :, None, :] * 0).astype(f32)
         q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
-        o, final_state = be.fn(
-            q.astype(f32),
-            k.astype(f32),
-            v.astype(f32),
-            g,
-            beta,
-            scale=scale,
-            initial_state=None if initial_state is None else initial_state.astype(f32),
-            segment_ids=segment_ids,
-        )
+        return be.fn(q.astype(f32), k.astype(f32), v.astype(f32), g, beta, scale=scale,
+                     initial_state=None if initial_state is None else initial_state.astype(f32),
+                     segment_ids=segment_ids, **opts)
+
+    arrays = dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, segment_ids=segment_ids,
+                  A_log=A_log, dt_bias=dt_bias)
+    if shard_axes is None:
+        o, final_state = run(**arrays)
+    else:
+        B, T, H, _ = q.shape
+        o, final_state = run_sharded(run, arrays, mesh=mesh, shard_axes=shard_axes, B=B, T=T, H=H, K=K,
+                                     V=v.shape[-1])
     o = o.astype(v.dtype)  # the single rounding to the caller's dtype
     return o, (final_state if output_final_state else None)
