@@ -17,7 +17,8 @@ parameter layouts, chosen at construction (MaxText's ``scan_layers``):
 Both layouts share the layer factory (``decoder_layer``), the forward (``OlmoHybridModel.__call__``,
 with per-layer rematerialisation, ``REMAT_POLICIES``) and the LM head. The cached (generation) forward
 runs layer by layer in both layouts (``OlmoHybridModel.decoder_layers``; a scanned model's layers are
-slices of its stacked blocks), so ``generate``, ``probe`` and ``extend`` take either. Parameters convert
+slices of its stacked blocks, which XLA may copy per step: for the fastest decoding convert once with
+``with_layout(model, scan_layers=False)``), so ``generate``, ``probe`` and ``extend`` take either. Parameters convert
 between the layouts in one place: ``list_to_stacked`` / ``stacked_to_list`` on pure dicts (a stack / an
 index, no arithmetic), and ``with_layout`` / ``from_list_params`` / ``list_params`` on models.
 """
@@ -188,7 +189,8 @@ class OlmoHybridModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=opts.param_dtype)
 
     def decoder_layers(self) -> list[nnx.Module]:
-        """The decoder layers in order; a scanned model's are views of block g's slice of its stacked params."""
+        """The decoder layers in order; a scanned model's are modules built on slices of its stacked params
+        (read-only: writing to them does not reach the stack)."""
         if not self.scan_layers:
             return list(self.layers)
         graphdef, stacked = nnx.split(self.blocks)

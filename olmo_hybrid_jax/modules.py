@@ -464,7 +464,8 @@ class GatedDeltaNet(nnx.Module):
                 o, state = gated_delta_rule(q, k, v, a, b, scale=scale, segment_ids=segment_ids,
                                             initial_state=None if cache is None else cache.state,
                                             output_final_state=cache is not None, backend=self.backend,
-                                            **self._launch(), **self._transforms())
+                                            config=self.kernel_config, shard_axes=self.shard_axes, mesh=self.mesh,
+                                            **self._transforms())
         gate = self.g_proj(x).reshape(B, T, self.nv, self.dv)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, self.nv * self.dv))
         if cache is None:
@@ -472,11 +473,6 @@ class GatedDeltaNet(nnx.Module):
         dt = cache.conv_q.dtype
         return y, GDNCache(conv_q=windows[0].astype(dt), conv_k=windows[1].astype(dt), conv_v=windows[2].astype(dt),
                            state=state)
-
-    def _launch(self) -> dict:
-        """``config``, ``shard_axes`` and ``mesh`` of the kernel call, those set only."""
-        opts = dict(config=self.kernel_config, shard_axes=self.shard_axes, mesh=self.mesh)
-        return {k: v for k, v in opts.items() if v is not None}
 
 
 class MLP(nnx.Module):

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from olmo_hybrid_jax.config import LINEAR
-from olmo_hybrid_jax.kernels import gated_delta_rule_step
-from olmo_hybrid_jax.kernels.gated_delta_rule.common import segment_starts
+from olmo_hybrid_jax.kernels import gated_delta_rule_step, segment_starts
 
 
 @dataclass

@@ -140,3 +140,20 @@ def test_package_level_generate_is_callable(tiny):
 
     ids = np.array([[5, 9, 200, 17]], np.int32)
     np.testing.assert_array_equal(olmo_hybrid_jax.generate(tiny, ids, 3), generate(tiny, ids, 3))
+
+
+def test_gdn_kernel_options_reach_the_op(tiny):
+    """gdn_kernel / gdn_shard_axes / gdn_mesh go to kernels.gated_delta_rule as config / shard_axes / mesh."""
+    from olmo_hybrid_jax.kernels import ChunkConfig, PallasConfig, ShardAxes
+
+    cfg = OlmoHybridConfig.preset("tiny")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)))
+    ref = OlmoHybridForCausalLM(cfg, rngs=nnx.Rngs(0), gdn_backend="chunked")
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    sharded = OlmoHybridForCausalLM(cfg, rngs=nnx.Rngs(0), gdn_backend="chunked", gdn_kernel=ChunkConfig(16),
+                                    gdn_shard_axes=ShardAxes(batch=("data",)), gdn_mesh=mesh)
+    np.testing.assert_allclose(sharded(ids), ref(ids), rtol=1e-5, atol=1e-5)
+    gd, st = nnx.split(sharded)
+    assert "shard_map" in str(jax.make_jaxpr(lambda s: nnx.merge(gd, s)(ids))(st))
+    with pytest.raises(ValueError, match="takes a ChunkConfig or None"):  # the op checks the config
+        OlmoHybridForCausalLM(cfg, rngs=nnx.Rngs(0), gdn_backend="chunked", gdn_kernel=PallasConfig())(ids)

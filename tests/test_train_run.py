@@ -113,6 +113,7 @@ _SHARDED_VS_SINGLE = textwrap.dedent("""
     from olmo_hybrid_jax.train.config import load_config
     from olmo_hybrid_jax.train.trainer import Trainer
     from olmo_hybrid_jax.train.data import make_dataset
+    from olmo_hybrid_jax.kernels import ShardAxes
     base = ["model.overrides.num_hidden_layers=8", "model.remat=full", "data.seq_len=64", "data.global_batch_size=8",
             "model.compute_dtype=float32", "data.document_aware=true"]
     results = {}
@@ -123,6 +124,11 @@ _SHARDED_VS_SINGLE = textwrap.dedent("""
         assert tr.scanned
         state = tr.init_state()
         ds, _ = make_dataset(cfg.data, tr.eos_id)
+        # the GDN op shards itself over the rules' batch / heads axes (not on one device)
+        step_jaxpr = str(jax.make_jaxpr(tr.train_step)(state, tr.device_batch(ds[0])))
+        assert ("shard_map" in step_jaxpr) == (mesh is not None), name
+        if mesh is not None:
+            assert tr.kw["gdn_shard_axes"] == ShardAxes(batch=("data", "fsdp"), heads=("tensor",)), name
         out = []
         for step in range(3):
             state, m = tr.step_fn(state, tr.device_batch(ds[step]))

@@ -100,17 +100,24 @@ def merged_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return rules
 
 
+def rule_axes(rules: Mapping, name: str | None) -> tuple[str, ...]:
+    """The mesh axes that logical axis ``name`` maps to (a rule is None, one mesh axis or a tuple of them)."""
+    target = rules.get(name) if name is not None else None
+    if target is None:
+        return ()
+    return tuple(target) if isinstance(target, (tuple, list)) else (target,)
+
+
 def logical_to_spec(axes: Sequence, shape: Sequence[int] | None, mesh: Mesh, rules: Mapping) -> P:
     """PartitionSpec for logical ``axes``; dims that don't divide their mesh axes stay replicated."""
     used: set[str] = set()
     out = []
     for i, name in enumerate(axes):
-        target = rules.get(name) if name is not None else None
-        if target is None:
+        target = rule_axes(rules, name)
+        if not target:
             out.append(None)
             continue
-        mesh_axes = tuple(a for a in (target if isinstance(target, tuple) else (target,))
-                          if a not in used and mesh.shape.get(a, 1) > 1)
+        mesh_axes = tuple(a for a in target if a not in used and mesh.shape.get(a, 1) > 1)
         size = math.prod(mesh.shape[a] for a in mesh_axes) if mesh_axes else 1
         if not mesh_axes or (shape is not None and shape[i] % size != 0):
             # fall back: the largest prefix of the mesh axes that divides the dim

@@ -88,11 +88,24 @@ def model_config(cfg: Config) -> OlmoHybridConfig:
 
 
 def model_kwargs(cfg: Config) -> dict:
-    """``OlmoHybridForCausalLM``'s construction options from ``model.*`` (the GDN sharding is the mesh's: Trainer)."""
+    """``OlmoHybridForCausalLM``'s construction options from ``model.*`` (the GDN sharding: ``gdn_sharding``)."""
     m = cfg.model
     return dict(param_dtype=DTYPES[m.param_dtype], dtype=DTYPES[m.compute_dtype], gdn_backend=m.gdn_backend,
                 attention_impl=m.attention_impl, scan_layers=m.scan_layers, remat=m.remat,
                 gdn_kernel=gdn_kernel_config(m))
+
+
+def gdn_sharding(cfg: Config, mesh, rules) -> dict:
+    """The GDN op's per-shard options (``model.shard_gdn`` on more than one device): batch over the mesh axes
+    of the rules' "batch", heads over those of "heads". XLA cannot partition the kernel's custom call (it
+    would gather the whole batch onto every device), so the op runs itself under shard_map."""
+    if not cfg.model.shard_gdn or mesh.size == 1:
+        return {}
+    from olmo_hybrid_jax.kernels import ShardAxes
+
+    batch = shd.rule_axes(rules, "batch")
+    heads = tuple(a for a in shd.rule_axes(rules, "heads") if a not in batch)  # a mesh axis splits one dim
+    return dict(gdn_shard_axes=ShardAxes(batch=batch, heads=heads), gdn_mesh=mesh)
 
 
 def load_init_params(cfg: Config, mcfg: OlmoHybridConfig, scanned: bool) -> dict:
@@ -150,7 +163,7 @@ class Trainer:
                               f"(data.global_batch_size={dc.global_batch_size} / {accum}), not divisible by the "
                               f"{ndata} data-parallel shards (mesh data x fsdp)")
         self.eos_id = dc.eos_token_id if dc.eos_token_id is not None else self._model_eos()
-        self.kw = model_kwargs(cfg)
+        self.kw = {**model_kwargs(cfg), **gdn_sharding(cfg, self.mesh, self.rules)}
         abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(0), **self.kw))
         self.scanned = abstract.scan_layers
         self.graphdef, abstract_state = nnx.split(abstract)
