@@ -71,32 +71,25 @@ def resolve_mesh(mesh, shard_axes: ShardAxes):
 
 
 def run_sharded(fn, arrays: dict, *, mesh, shard_axes: ShardAxes, B: int, T: int, H: int, K: int, V: int):
-    """``fn(**arrays) -> (o [B, T, H, V], state [B, H, K, V])`` run per shard of ``mesh``."""
+    """``fn(**arrays) -> (o [B, T, H, V], state [B, H, K, V])`` run per shard of ``mesh``.
+
+    ``arrays``: q, k, v, g, beta, initial_state, segment_ids, A_log, dt_bias (None where not given).
+    """
     b = _dividing(shard_axes.batch, B, mesh) or None
     h = _dividing(shard_axes.heads, H, mesh) or None
 
-    def spec(x):
-        if x is None:
-            return None
-        shp = tuple(x.shape)
-        if len(shp) == 4 and shp[:3] == (B, T, H):
-            return P(b, None, h, None)
-        if len(shp) == 3 and shp == (B, T, H):
-            return P(b, None, h)
-        if len(shp) == 2 and shp == (B, T):
-            return P(b, None)
-        if len(shp) == 4 and shp[:2] == (B, H):
-            return P(b, h, None, None)
-        if len(shp) == 1 and shp == (H,):
-            return P(h)
-        return P()
+    # by role, not by shape: a state [B, H, K, V] has the shape of q [B, T, H, K] when T == H == K
+    roles = {"q": (b, None, h, None), "k": (b, None, h, None), "v": (b, None, h, None), "g": (b, None, h),
+             "beta": (b, None, h), "segment_ids": (b, None), "initial_state": (b, h, None, None), "A_log": (h,),
+             "dt_bias": (h,)}
+    spec = {name: P(*dims) for name, dims in roles.items()}
 
     names = [n for n, x in arrays.items() if x is not None]
 
     def body(*xs):
         return fn(**dict(zip(names, xs)), **{n: None for n, x in arrays.items() if x is None})
 
-    in_specs = tuple(spec(arrays[n]) for n in names)
+    in_specs = tuple(spec[n] for n in names)
     out_specs = (P(b, None, h, None), P(b, h, None, None))
     xs = [arrays[n] for n in names]
     if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
