@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gdn_helpers import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 from olmo_hybrid_jax.kernels import BACKENDS, ChunkConfig, gated_delta_rule, shapes_supported
 from olmo_hybrid_jax.kernels.gated_delta_rule.xla_chunked import chunked_gated_delta_rule
-from gdn_helpers import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 jax.config.update("jax_enable_x64", False)
 

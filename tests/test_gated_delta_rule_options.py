@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gdn_helpers import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 from olmo_hybrid_jax.kernels import gated_delta_rule, gated_delta_rule_step
-from gdn_helpers import make_inputs, make_segments, np_gated_delta_rule, rel_err
 
 BACKENDS = ("sequential", "chunked", "associative_scan", "pallas")
 
@@ -136,7 +136,8 @@ def test_options_pallas_float16_small_norm_keys():
     q = q.astype(jnp.float16)
     for backend in ("sequential", "pallas"):
         o, s = gated_delta_rule(q, (k * 1e-4).astype(jnp.float16), (v * 300).astype(jnp.float16), a, b,
-                                initial_state=s0, segment_ids=seg, output_final_state=True, backend=backend, A_log=A_log, dt_bias=dt_bias, **OPTS)
+                                initial_state=s0, segment_ids=seg, output_final_state=True, backend=backend,
+                                A_log=A_log, dt_bias=dt_bias, **OPTS)
         assert o.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(o, np.float32))), backend
         if backend == "sequential":
             o_ref, s_ref = o, s

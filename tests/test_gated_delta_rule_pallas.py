@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gdn_helpers import make_inputs, make_segments, rel_err
 
 from olmo_hybrid_jax.kernels import PALLAS_VARIANTS, PallasConfig, gated_delta_rule, shapes_supported
 from olmo_hybrid_jax.kernels.gated_delta_rule.pallas_gpu import pallas_gated_delta_rule
-from gdn_helpers import make_inputs, make_segments, rel_err
 
 
 @functools.partial(jax.jit, static_argnames=("backend",))
@@ -154,8 +154,8 @@ def test_pallas_plain_forward_equals_differentiated_forward():
         q, k, v, g, beta, s0 = make_inputs(4, B, T, H, K, V, dtype=dtype)
         s0 = s0.astype(jnp.float32)
         f = functools.partial(pallas_gated_delta_rule, scale=K ** -0.5, config=cfg)
-        o1, s1 = jax.jit(lambda *a: f(*a[:5], initial_state=a[5]))(q, k, v, g, beta, s0)
-        (o2, s2), _ = jax.jit(lambda *a: jax.vjp(lambda *b: f(*b[:5], initial_state=b[5]), *a))(
+        o1, s1 = jax.jit(lambda *a, f=f: f(*a[:5], initial_state=a[5]))(q, k, v, g, beta, s0)
+        (o2, s2), _ = jax.jit(lambda *a, f=f: jax.vjp(lambda *b: f(*b[:5], initial_state=b[5]), *a))(
             q, k, v, g, beta, s0)
         np.testing.assert_array_equal(np.asarray(o1.astype(jnp.float32)), np.asarray(o2.astype(jnp.float32)))
         np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))

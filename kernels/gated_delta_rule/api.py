@@ -55,7 +55,7 @@ static Python values, so the whole call works under jit / grad / vjp.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,10 +86,10 @@ class Backend:
     """
 
     fn: Callable
-    supports: Callable[..., Optional[str]] = lambda q, k, v, platform: None
+    supports: Callable[..., str | None] = lambda q, k, v, platform: None
     fused: bool = False
-    platforms: Optional[tuple[str, ...]] = None
-    config_type: Optional[type] = None
+    platforms: tuple[str, ...] | None = None
+    config_type: type | None = None
 
 
 BACKENDS: dict[str, Backend] = {
@@ -117,7 +117,7 @@ def _is_float(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _check_inputs(q, k, v, g, beta, initial_state, segment_ids) -> Optional[str]:
+def _check_inputs(q, k, v, g, beta, initial_state, segment_ids) -> str | None:
     """Shared input validation. Returns a message naming the problem, or None."""
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     if initial_state is not None:

@@ -109,7 +109,6 @@ def chunk_pieces(q, k, v, g, beta, *, scale, starts=None, chunk_size: int = 64):
     f32 = jnp.float32
     q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
     B, T, H, K = q.shape
-    V = v.shape[-1]
     C = chunk_size
     N = max(1, -(-T // C))
     pad = N * C - T
