@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from olmo_hybrid_jax.cache import cache_shapes  # noqa: E402
 from olmo_hybrid_jax.config import FULL, OlmoHybridConfig  # noqa: E402
-from olmo_hybrid_jax.generate import Sampling, _decode, _prefill_rows  # noqa: E402
+from olmo_hybrid_jax.generate import Sampling, decode_loop, prefill_rows  # noqa: E402
 from olmo_hybrid_jax.model import OlmoHybridForCausalLM  # noqa: E402
 
 GiB = 1024 ** 3
@@ -140,7 +140,7 @@ def mem_of(compiled) -> dict:
 # ----------------------------------------------------------------------------------------- compile
 def lower_prefill(gd, ast, cfg, P, L, dtype):
     ids = jax.ShapeDtypeStruct((1, P), jnp.int32)
-    return _prefill_rows.lower(gd, ast, ids, None, None, 0, logits_to_keep=1, rows=1, max_len=L,
+    return prefill_rows.lower(gd, ast, ids, None, None, 0, logits_to_keep=1, rows=1, max_len=L,
                                cache_dtype=jnp.dtype(dtype))
 
 
@@ -151,7 +151,7 @@ def decode_carry_shapes(cfg, B, L, n_new, dtype):
 
 
 def lower_decode(gd, ast, cfg, B, L, n_new, dtype):
-    return _decode.lower(gd, ast, decode_carry_shapes(cfg, B, L, n_new, dtype), jax.ShapeDtypeStruct((), jnp.int32),
+    return decode_loop.lower(gd, ast, decode_carry_shapes(cfg, B, L, n_new, dtype), jax.ShapeDtypeStruct((), jnp.int32),
                          sampling=Sampling(), eos=(), pad=0)
 
 
@@ -228,7 +228,7 @@ def run_model(kind, cfg, gd, ast, compiled, args, dtype, backend, res):
         reps = args.reps if C <= 32768 else max(1, args.reps - 1)
         holder = {}
 
-        def do_prefill():
+        def do_prefill(holder=holder, pre=pre, ids=ids, state=state):
             holder.clear()
             holder["out"] = pre["compiled"](gd, state, ids, None, None, 0)
             return holder["out"]
@@ -242,7 +242,7 @@ def run_model(kind, cfg, gd, ast, compiled, args, dtype, backend, res):
             holder.clear()
             continue
         row.update(prefill_s=med, prefill_runs_s=ts, prefill_tok_s=P / med)
-        print(f"  prefill C={C}: {med:.3f}s  {P / med:,.0f} tok/s  (runs {['%.3f' % t for t in ts]})", flush=True)
+        print(f"  prefill C={C}: {med:.3f}s  {P / med:,.0f} tok/s  (runs {[f'{t:.3f}' for t in ts]})", flush=True)
         logits, cache = holder.pop("out")
         if "compiled" not in dec:
             row["decode_error"] = dec.get("error", "not compiled")

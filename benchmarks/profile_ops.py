@@ -101,14 +101,15 @@ def summarize(events: list[dict], steps: int, top: int = 40, op_depth: int = 4, 
         parts = [p for p in op.split("/") if p and not p.startswith("jit(") and p != "jit(main)"]
         by_op["/".join(parts[:op_depth]) or name] += dur_ms
         by_scope[scope_of(op)] += dur_ms
-    kernels = sorted(({"name": n, "ms": v[0] / steps, "count": v[1] // max(steps, 1), "frac": v[0] / total if total else 0.0}
+    frac = lambda ms: ms / total if total else 0.0  # noqa: E731
+    kernels = sorted(({"name": n, "ms": v[0] / steps, "count": v[1] // max(steps, 1), "frac": frac(v[0])}
                       for n, v in by_kernel.items()), key=lambda r: -r["ms"])
     ops = sorted(({"op": n, "ms": v / steps, "frac": v / total if total else 0.0} for n, v in by_op.items()),
                  key=lambda r: -r["ms"])
     scopes = sorted(({"scope": n, "ms": v / steps, "frac": v / total if total else 0.0} for n, v in by_scope.items()),
                     key=lambda r: -r["ms"])
-    return {"device_track": bool(dev_pids), "total_ms_per_step": total / steps, "scopes": scopes, "kernels": kernels[:top],
-            "ops": ops[:top], "event_samples": samples}
+    return {"device_track": bool(dev_pids), "total_ms_per_step": total / steps, "scopes": scopes,
+            "kernels": kernels[:top], "ops": ops[:top], "event_samples": samples}
 
 
 def profile_ops(fn, steps: int, log_dir, top: int = 40, op_depth: int = 4, hlo_text: str | None = None) -> dict:
@@ -127,7 +128,8 @@ def format_summary(s: dict, rows: int = 25) -> str:
              "by named scope (ms/step, share):"]
     lines += [f"  {r['ms']:9.3f}  {100 * r['frac']:5.1f}%  {r['scope']}" for r in s["scopes"]]
     lines.append("top kernels (ms/step, calls/step, share):")
-    lines += [f"  {r['ms']:9.3f}  {r['count']:5d}  {100 * r['frac']:5.1f}%  {r['name'][:110]}" for r in s["kernels"][:rows]]
+    lines += [f"  {r['ms']:9.3f}  {r['count']:5d}  {100 * r['frac']:5.1f}%  {r['name'][:110]}"
+              for r in s["kernels"][:rows]]
     lines.append("by op name:")
     lines += [f"  {r['ms']:9.3f}  {100 * r['frac']:5.1f}%  {r['op'][:120]}" for r in s["ops"][:rows]]
     return "\n".join(lines)

@@ -117,7 +117,8 @@ def run_ours(args) -> dict:
     init_s = time.time() - t0
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, tr.mcfg.vocab_size - 1, (GB, T), dtype=np.int32)
-    host = {"tokens": tokens, "segment_ids": np.zeros_like(tokens), "positions": np.tile(np.arange(T, dtype=np.int32), (GB, 1))}
+    host = {"tokens": tokens, "segment_ids": np.zeros_like(tokens),
+            "positions": np.tile(np.arange(T, dtype=np.int32), (GB, 1))}
     batch = tr.device_batch(host)
     t0 = time.time()
     compiled = tr.step_fn.lower(state, batch).compile()

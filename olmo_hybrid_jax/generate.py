@@ -119,10 +119,12 @@ def compute_dtype(model) -> jnp.dtype:
 # as a static_argname it would need a hash, which a config holding a rope dict does not have.
 @functools.partial(jax.jit, static_argnames=("logits_to_keep", "rows", "max_len", "cache_dtype"),
                    donate_argnames=("cache",))
-def _prefill_rows(graphdef, state, ids, mask, cache, start, *, logits_to_keep, rows, max_len, cache_dtype):
+def prefill_rows(graphdef, state, ids, mask, cache, start, *, logits_to_keep, rows, max_len, cache_dtype):
     """Prefill ``ids`` (``rows`` rows) into a fresh cache and write it at rows ``start:`` of ``cache``.
 
-    ``cache`` None: return the fresh cache itself (the whole batch in one go).
+    ``cache`` None: return the fresh cache itself (the whole batch in one go). Public, jitted on
+    ``(graphdef, state)`` of ``nnx.split(model)``, so a benchmark can ``.lower(...)`` it ahead of time
+    for a shape (``benchmarks/inference_bench.py``); :func:`prefill` is the user-facing call.
     """
     model = nnx.merge(graphdef, state)
     fresh = init_cache(model.config, rows, max_len, cache_dtype)
@@ -139,8 +141,10 @@ def _extend(graphdef, state, ids, mask, cache, *, logits_to_keep):
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "eos", "pad"), donate_argnames=("carry",))
-def _decode(graphdef, state, carry, stop, *, sampling, eos, pad):
+def decode_loop(graphdef, state, carry, stop, *, sampling, eos, pad):
     """Run the decode while_loop until step ``stop`` (traced: segments never recompile) or all rows are done.
+
+    Public for ahead-of-time lowering like :func:`prefill_rows`; :func:`generate` drives it.
 
     carry: cache, logits [B, V] fp32 (for the next token), out [B, N] int32, step [], done [B], key.
     """
@@ -243,12 +247,12 @@ def prefill(model, prompt_ids, *, attention_mask=None, max_len: int | None = Non
     kw = dict(logits_to_keep=logits_to_keep, rows=rows, max_len=max_len,
               cache_dtype=cache_dtype)
     if rows == B:
-        return _prefill_rows(graphdef, state, jnp.asarray(ids), None if mask is None else jnp.asarray(mask), None,
+        return prefill_rows(graphdef, state, jnp.asarray(ids), None if mask is None else jnp.asarray(mask), None,
                              0, **kw)
     cache, outs = init_cache(cfg, B, max_len, cache_dtype), []
     for s in range(0, B, rows):
         m = None if mask is None else jnp.asarray(mask[s:s + rows])
-        logits, cache = _prefill_rows(graphdef, state, jnp.asarray(ids[s:s + rows]), m, cache, jnp.int32(s), **kw)
+        logits, cache = prefill_rows(graphdef, state, jnp.asarray(ids[s:s + rows]), m, cache, jnp.int32(s), **kw)
         outs.append(logits)
     return jnp.concatenate(outs, axis=0), cache
 
@@ -342,7 +346,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None, do_
     shown = 0
     while True:
         stop = min(shown + interval, int(max_new_tokens))
-        carry = _decode(graphdef, state, carry, jnp.int32(stop), sampling=sampling, eos=eos,
+        carry = decode_loop(graphdef, state, carry, jnp.int32(stop), sampling=sampling, eos=eos,
                         pad=int(pad_token_id))
         step = int(carry["step"])
         if stream is not None and step > shown:

@@ -217,9 +217,9 @@ def test_decode_loop_compiles_once():
     m = OlmoHybridForCausalLM(cfg, rngs=nnx.Rngs(2), attention_impl="xla", gdn_backend="chunked")
     ids = np.random.default_rng(0).integers(2, 256, (2, 5))
     chunks = []
-    before = gen_mod._decode._cache_size()
+    before = gen_mod.decode_loop._cache_size()
     out = generate(m, ids, 11, eos_token_id=(), stream=lambda blk: chunks.append(blk), stream_interval=3)
-    assert gen_mod._decode._cache_size() - before == 1
+    assert gen_mod.decode_loop._cache_size() - before == 1
     assert [c.shape[1] for c in chunks] == [3, 3, 3, 2]
     np.testing.assert_array_equal(np.concatenate(chunks, 1), out[:, 5:])
     np.testing.assert_array_equal(out, generate(m, ids, 11, eos_token_id=()))

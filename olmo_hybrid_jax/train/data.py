@@ -35,9 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -48,7 +48,7 @@ PEAK_FLOPS: list[tuple[str, float]] = [
 
 def matmul_params(cfg: OlmoHybridConfig) -> int:
     """Weights used as multiply-adds once per token (all matmul kernels + conv kernels, incl. LM head)."""
-    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size  # noqa: E741  (I: the MLP width, as in the papers)
     mlp = 3 * H * I
     kd, vd, nv, Kc = cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_num_value_heads, cfg.linear_conv_kernel_dim
     gdn = H * (2 * kd + vd) + 2 * H * nv + H * vd + vd * H + Kc * (2 * kd + vd)
