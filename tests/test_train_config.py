@@ -81,7 +81,7 @@ def test_gdn_kernel_reaches_the_pallas_config():
 @pytest.mark.parametrize("override,needle", [
     ("model.gdn_kernel.block_v_fusd=32", "unknown PallasConfig field 'block_v_fusd' (did you mean block_v_fused"),
     ("model.gdn_kernel.block_v=abc", "model.gdn_kernel.block_v must be an integer"),
-    ("model.gdn_kernel.block_v=24", "model.gdn_kernel: block_v must be a power of two"),
+    ("model.gdn_kernel.block_v=24", "model.gdn_kernel: PallasConfig.block_v must be a power of two"),
     ("model.gdn_kernel=3", "model.gdn_kernel must be a mapping"),
 ])
 def test_bad_gdn_kernel_says_what_is_wrong(override, needle):
