@@ -309,8 +309,7 @@ def gated_delta_rule(
     if shard_axes is None:
         o, final_state = run(**arrays)
     else:
-        B, T, H, _ = q.shape
-        o, final_state = run_sharded(run, arrays, mesh=mesh, shard_axes=shard_axes, B=B, T=T, H=H, K=K,
-                                     V=v.shape[-1])
+        B, _, H, _ = q.shape
+        o, final_state = run_sharded(run, arrays, mesh=mesh, shard_axes=shard_axes, B=B, H=H)
     o = o.astype(v.dtype)  # the single rounding to the caller's dtype
     return o, (final_state if output_final_state else None)

@@ -70,7 +70,7 @@ def resolve_mesh(mesh, shard_axes: ShardAxes):
     return mesh, None
 
 
-def run_sharded(fn, arrays: dict, *, mesh, shard_axes: ShardAxes, B: int, T: int, H: int, K: int, V: int):
+def run_sharded(fn, arrays: dict, *, mesh, shard_axes: ShardAxes, B: int, H: int):
     """``fn(**arrays) -> (o [B, T, H, V], state [B, H, K, V])`` run per shard of ``mesh``.
 
     ``arrays``: q, k, v, g, beta, initial_state, segment_ids, A_log, dt_bias (None where not given).
