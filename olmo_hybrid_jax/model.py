@@ -303,6 +303,13 @@ class OlmoHybridForCausalLM(nnx.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+            # concrete ids (eager calls) are checked here; under jit the data boundary checks them
+            # (training: train.data refuses files with ids >= vocab_size), a host sync would cost a step
+            lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+            V = self.config.vocab_size
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {V})")
         B, T = input_ids.shape
         for name, a in (("positions", positions), ("segment_ids", segment_ids), ("attention_mask", attention_mask)):
             if a is not None and tuple(a.shape) != (B, T):

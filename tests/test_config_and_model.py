@@ -98,6 +98,12 @@ def test_model_bad_input(tiny):
         tiny(jnp.zeros((1, 5), jnp.float32))
     with pytest.raises(ValueError, match="segment_ids must have shape"):
         tiny(jnp.zeros((1, 5), jnp.int32), segment_ids=jnp.zeros((1, 4), jnp.int32))
+    V = tiny.config.vocab_size
+    with pytest.raises(ValueError, match=rf"token id {V}, outside the vocabulary \[0, {V}\)"):
+        tiny(jnp.array([[1, V]], jnp.int32))
+    with pytest.raises(ValueError, match="token id -1"):
+        tiny(jnp.array([[-1, 2]], jnp.int32))
+    assert tiny(jnp.array([[0, V - 1]], jnp.int32)).shape == (1, 2, V)  # the edges are in
 
 
 def test_param_and_compute_dtypes():

@@ -1,6 +1,7 @@
 """olmo_hybrid_jax.train.data: packing, token files and their errors, the grain iterator, the tokenize CLI."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -92,3 +93,25 @@ def test_embedded_corpus_is_byte_level():
     assert arr.dtype == np.uint8 and len(arr) > 400_000
     assert int((arr == 1).sum()) == 79  # one EOS per pydoc topic
     assert b"print" in arr[:200_000].tobytes()
+
+
+def test_out_of_vocabulary_ids_are_refused_before_reading_rows(tmp_path):
+    """A file holding an id >= vocab_size fails with one error naming the file, the id and the vocab;
+    the max-id scan is cached per file (size + mtime) and a changed file is rescanned."""
+    from olmo_hybrid_jax.train.data import max_token_id
+
+    good = tmp_path / "good.u16"
+    np.array([3, 255, 1, 7] * 8, np.uint16).tofile(good)
+    bad = tmp_path / "bad.u16"
+    np.array([3, 256, 1, 7] * 8, np.uint16).tofile(bad)
+    cache = tmp_path / "run" / "ids.json"
+    cache.parent.mkdir()
+    rows = PackedRows([str(good)], seq_len=4, eos_id=1, vocab_size=256, max_id_cache=cache)
+    assert len(rows) == 8 and json.loads(cache.read_text())  # the scan was remembered
+    with pytest.raises(DataError, match=r"bad\.u16: token id 256 is outside the model's vocabulary \(vocab_size 256\)"):
+        PackedRows([str(good), str(bad)], seq_len=4, eos_id=1, vocab_size=256, max_id_cache=cache)
+    assert max_token_id(good, np.fromfile(good, np.uint16), cache=cache) == 255
+    np.array([3, 999, 1, 7] * 8, np.uint16).tofile(good)  # same size, new contents: rescanned
+    os.utime(good, ns=(os.stat(good).st_atime_ns, os.stat(good).st_mtime_ns + 1_000_000))
+    with pytest.raises(DataError, match=r"token id 999"):
+        PackedRows([str(good)], seq_len=4, eos_id=1, vocab_size=256, max_id_cache=cache)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,3 +154,17 @@ def test_sharded_step_equals_single_device_step():
         for a, b in zip(r["metrics"], ref["metrics"]):
             assert a == pytest.approx(b, rel=2e-5), name
         assert r["param"] == pytest.approx(ref["param"], rel=1e-4, abs=1e-6), name
+
+
+def test_out_of_vocabulary_data_fails_before_the_first_step(tmp_path):
+    """train.py on a corpus tokenized for a larger vocabulary: exit 2 and one line naming the file and
+    the id before any step runs (it used to train NaN losses to "done")."""
+    corpus = tmp_path / "big_vocab.u16"
+    np.array(list(range(2, 300)) * 20, np.uint16).tofile(corpus)
+    out = tmp_path / "run"
+    p = train(out, "--steps", "2", f"data.paths=[{corpus}]", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "big_vocab.u16: token id 299 is outside the model's vocabulary (vocab_size 256)" in p.stderr
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # no step ran
+    assert not any((out / "checkpoints").glob("*")) if (out / "checkpoints").is_dir() else True

@@ -114,17 +114,63 @@ def open_token_file(path: str | Path, token_dtype: str = "auto") -> np.ndarray:
     return arr
 
 
-class PackedRows:
-    """Random-access source of fixed-length rows over several token files (grain data source)."""
+_MAX_ID_BLOCK = 1 << 26  # tokens per block of the max-id scan (128 MiB of uint16)
 
-    def __init__(self, paths: Iterable[str], seq_len: int, eos_id: int, token_dtype: str = "auto"):
+
+def max_token_id(path: str | Path, arr: np.ndarray, *, cache: Path | None = None) -> int:
+    """The largest token id in ``arr`` (the memory-mapped file ``path``): one pass in blocks.
+
+    ``cache``: a JSON file (e.g. in the run directory) remembering the answer per file, keyed by its
+    size and modification time, so a restarted run does not rescan a large corpus.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    seen = {}
+    if cache is not None and cache.is_file():
+        try:
+            seen = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            seen = {}  # an unreadable cache is rebuilt, never trusted
+    if key in seen:
+        return int(seen[key])
+    blocks = range(0, len(arr), _MAX_ID_BLOCK)
+    from tqdm.auto import tqdm
+
+    m = 0
+    for i in tqdm(blocks, desc=f"max token id {p.name}", disable=len(blocks) < 8, leave=False):
+        m = max(m, int(np.max(arr[i:i + _MAX_ID_BLOCK])))
+    if cache is not None:
+        try:
+            cache.write_text(json.dumps({**seen, key: m}))
+        except OSError:
+            pass  # a read-only run directory only costs the rescan
+    return m
+
+
+class PackedRows:
+    """Random-access source of fixed-length rows over several token files (grain data source).
+
+    With ``vocab_size`` every file's largest token id is checked against it before any row is read
+    (an id >= vocab_size would index past the embedding: NaN losses, not an error, under jit).
+    """
+
+    def __init__(self, paths: Iterable[str], seq_len: int, eos_id: int, token_dtype: str = "auto", *,
+                 vocab_size: int | None = None, max_id_cache: Path | None = None):
         self.seq_len, self.eos_id = int(seq_len), int(eos_id)
+        paths = list(paths)
         self.paths = [str(resolve_path(p)) for p in paths]
         self.arrays = [open_token_file(p, token_dtype) for p in paths]
         counts = [len(a) // self.seq_len for a in self.arrays]
         for p, a, c in zip(paths, self.arrays, counts):
             if c == 0:
                 raise DataError(f"{p}: {len(a)} tokens is shorter than one row of data.seq_len={self.seq_len}")
+        if vocab_size is not None:
+            for p, full, a in zip(paths, self.paths, self.arrays):
+                m = max_token_id(full, a, cache=max_id_cache)
+                if m >= vocab_size:
+                    raise DataError(f"{p}: token id {m} is outside the model's vocabulary (vocab_size {vocab_size}); "
+                                    "was it tokenized with a larger tokenizer?")
         self.offsets = np.cumsum([0] + counts)
         self.num_tokens = int(sum(len(a) for a in self.arrays))
 
@@ -153,15 +199,20 @@ def pack_row(tokens: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "segment_ids": seg, "positions": (idx - start_idx).astype(np.int32)}
 
 
-def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: int = 1):
-    """The grain MapDataset of this host's batches (index = step): dicts of [local_batch, seq_len] arrays."""
+def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
+                 max_id_cache: Path | None = None):
+    """The grain MapDataset of this host's batches (index = step): dicts of [local_batch, seq_len] arrays.
+
+    ``vocab_size``: refuse files holding a token id >= it (``PackedRows``) before the first batch.
+    """
     import grain
 
     GB = dcfg.global_batch_size
     if GB % process_count:
         raise DataError(f"data.global_batch_size={GB} is not divisible by the {process_count} processes")
     LB = GB // process_count
-    rows = PackedRows(dcfg.paths, dcfg.seq_len, eos_id, dcfg.token_dtype)
+    rows = PackedRows(dcfg.paths, dcfg.seq_len, eos_id, dcfg.token_dtype, vocab_size=vocab_size,
+                      max_id_cache=max_id_cache)
     ds = grain.MapDataset.source(rows)
     if dcfg.shuffle:
         ds = ds.shuffle(seed=dcfg.seed)

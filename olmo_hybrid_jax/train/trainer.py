@@ -335,7 +335,8 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
         raise ConfigError(f"{out} already has checkpoints (latest step {latest}); pass --resume to continue "
                           "or choose a new --out")
     dataset, rows = make_dataset(cfg.data, trainer.eos_id, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 process_count=jax.process_count(), vocab_size=trainer.mcfg.vocab_size,
+                                 max_id_cache=(out / "data_max_token_ids.json") if is_main else None)
     data_iter = make_iterator(dataset, cfg.data)
     mesh_desc = "x".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
     log(f"devices: {jax.device_count()} x {trainer.device_kind} ({jax.process_count()} process(es)); mesh {mesh_desc}")
