@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from olmo_hybrid_jax.cache import Cache
@@ -306,7 +307,8 @@ class OlmoHybridForCausalLM(nnx.Module):
         if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
             # concrete ids (eager calls) are checked here; under jit the data boundary checks them
             # (training: train.data refuses files with ids >= vocab_size), a host sync would cost a step
-            lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+            ids = np.asarray(input_ids)  # numpy: a concrete constant inside a trace stays concrete
+            lo, hi = int(ids.min()), int(ids.max())
             V = self.config.vocab_size
             if lo < 0 or hi >= V:
                 raise ValueError(f"input_ids holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {V})")
