@@ -41,6 +41,21 @@ def dataclass_frozen_error():
     ("optim.no_decay=[embeddings,bogus]", "unknown groups ['bogus']"),
     ("optim", "is not key=value"),
     ("model=3", "model is a section"),
+    # values of the right type but outside their range
+    ("optim.lr=-1", "optim.lr must be a finite number > 0, got -1.0"),
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.b1=1.0", "optim.b1 must be in [0, 1), got 1.0"),
+    ("optim.b2=-0.1", "optim.b2 must be in [0, 1), got -0.1"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be >= 0"),
+    ("optim.alpha_f=1.5", "optim.alpha_f must be in [0, 1]"),
+    ("optim.z_loss=-1e-5", "optim.z_loss must be >= 0"),
+    ("optim.skip_sigma=0", "optim.skip_sigma must be > 0"),
+    ("data.eos_token_id=-1", "data.eos_token_id must be >= 0"),
+    ("data.seed=-1", "data.seed must be >= 0"),
+    ("data.prefetch=-1", "data.prefetch must be >= 0"),
+    ("train.peak_flops_per_device=0", "train.peak_flops_per_device must be > 0"),
 ])
 def test_bad_overrides_say_what_is_wrong(override, needle):
     with pytest.raises(ConfigError) as e:

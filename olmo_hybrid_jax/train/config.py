@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -301,6 +302,25 @@ def validate(cfg: Config) -> None:
     req(cfg.optim.warmup_steps >= 0 and cfg.optim.decay_steps > cfg.optim.warmup_steps,
         f"need 0 <= optim.warmup_steps < optim.decay_steps, got {cfg.optim.warmup_steps}, {cfg.optim.decay_steps}")
     req(cfg.optim.skip_window >= 0, "optim.skip_window must be >= 0")
+    o = cfg.optim
+    # NaN fails every comparison, so each check below also refuses `.nan`
+    req(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
+    for name in ("b1", "b2"):
+        v = getattr(o, name)
+        req(0 <= v < 1, f"optim.{name} must be in [0, 1), got {v}")
+    req(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    req(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    req(o.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
+    req(0 <= o.alpha_f <= 1, f"optim.alpha_f must be in [0, 1] (final lr = alpha_f * lr), got {o.alpha_f}")
+    req(o.z_loss >= 0, f"optim.z_loss must be >= 0, got {o.z_loss}")
+    req(o.skip_sigma > 0, f"optim.skip_sigma must be > 0, got {o.skip_sigma}")
+    d = cfg.data
+    req(d.eos_token_id is None or d.eos_token_id >= 0, f"data.eos_token_id must be >= 0, got {d.eos_token_id}")
+    req(d.num_threads >= 0, f"data.num_threads must be >= 0, got {d.num_threads}")
+    req(d.seed >= 0, f"data.seed must be >= 0, got {d.seed}")
+    req(d.prefetch >= 0, f"data.prefetch must be >= 0, got {d.prefetch}")
+    pf = cfg.train.peak_flops_per_device
+    req(pf is None or (math.isfinite(pf) and pf > 0), f"train.peak_flops_per_device must be > 0, got {pf}")
     for ax in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, ax)
         req(v == -1 or v >= 1, f"mesh.{ax} must be >= 1 or -1, got {v}")
