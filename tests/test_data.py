@@ -8,6 +8,7 @@ import pytest
 
 from olmo_hybrid_jax.train.config import CONFIG_DIR, load_config
 from olmo_hybrid_jax.train.data import (
+    DATA_DIR,
     DataError,
     PackedRows,
     make_dataset,
@@ -115,3 +116,38 @@ def test_out_of_vocabulary_ids_are_refused_before_reading_rows(tmp_path):
     os.utime(good, ns=(os.stat(good).st_atime_ns, os.stat(good).st_mtime_ns + 1_000_000))
     with pytest.raises(DataError, match=r"token id 999"):
         PackedRows([str(good)], seq_len=4, eos_id=1, vocab_size=256, max_id_cache=cache)
+
+
+def test_write_token_file_streams_and_leaves_nothing_on_error(tmp_path):
+    # .npy with header and raw files hold the same stream; ids are checked per document
+    docs = [np.arange(5), [7, 8], np.array([], np.int64), [300]]
+    npy, n = write_token_file(docs, tmp_path / "s.npy", eos_id=1, dtype="uint16")
+    raw, _ = write_token_file(docs, tmp_path / "s.u16", eos_id=1)
+    want = [0, 1, 2, 3, 4, 1, 7, 8, 1, 1, 300, 1]
+    assert n == len(want)
+    np.testing.assert_array_equal(np.load(npy), want)
+    np.testing.assert_array_equal(open_token_file(raw), want)
+    # an id too large for the dtype: no output, no temporary, no folder the call created
+    with pytest.raises(DataError, match="token ids up to 300 do not fit uint8"):
+        write_token_file(docs, tmp_path / "new" / "deeper" / "x.u8", eos_id=1)
+    assert not (tmp_path / "new").exists()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "x.u8").write_bytes(b"\x02\x01")
+    with pytest.raises(DataError, match="do not fit uint8"):
+        write_token_file(docs, keep / "x.u8", eos_id=1)
+    assert (keep / "x.u8").read_bytes() == b"\x02\x01" and sorted(p.name for p in keep.iterdir()) == ["x.u8"]
+    with pytest.raises(DataError, match="eos id 256 does not fit uint8"):
+        write_token_file(docs[:1], tmp_path / "e.u8", eos_id=256)
+
+
+def test_missing_data_file_names_each_place_looked_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        open_token_file("data/nope.u8")
+    msg = str(e.value)
+    assert str(tmp_path / "data" / "nope.u8") in msg and msg.count(" and ") == 1  # cwd, then the package copy
+    monkeypatch.chdir(DATA_DIR.parent)  # a checkout's root: both candidates are one file, named once
+    with pytest.raises(DataError) as e:
+        open_token_file("data/nope.u8")
+    assert " and " not in str(e.value) and str(DATA_DIR / "nope.u8") in str(e.value)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from importlib import resources
@@ -76,9 +77,11 @@ def open_token_file(path: str | Path, token_dtype: str = "auto") -> np.ndarray:
     """Memory-map a token file as a 1-D integer array; DataError naming the file on any problem."""
     p = resolve_path(path)
     if not p.exists():
+        tried = [Path(path).expanduser().absolute()]
         alt = _shipped(Path(path).expanduser())
-        where = f"{Path.cwd()}" + (f" and {alt.parent}" if alt is not None else "")
-        raise DataError(f"data file not found: {path} (looked in {where})")
+        if alt is not None and alt.absolute() != tried[0]:  # from the repo root both name one file
+            tried.append(alt.absolute())
+        raise DataError(f"data file not found: {path} (looked for {' and '.join(map(str, tried))})")
     if not p.is_file():
         raise DataError(f"data path is not a file: {p}")
     try:
@@ -244,29 +247,52 @@ def _out_dtype(out: Path, dtype: str | None, vocab_max: int) -> np.dtype:
 
 
 def write_token_file(docs: Iterable[Iterable[int]], out: str | Path, *, eos_id: int, dtype: str | None = None,
-                     vocab_max: int = 2 ** 32 - 1) -> tuple[Path, int]:
-    """Write documents (token-id sequences) each followed by ``eos_id``; .npy gets a header, else raw."""
+                     vocab_max: int = 2 ** 32 - 1, progress: bool = False) -> tuple[Path, int]:
+    """Write documents (token-id sequences) each followed by ``eos_id``; .npy gets a header, else raw.
+
+    Streams: each document is checked against the dtype's range and appended to a temporary file in
+    the output dtype, so memory holds one document, not the corpus. The output appears only complete
+    (renamed from the temporary); on an error neither it nor a folder this call created is left.
+    """
     out = Path(out)
     dt = _out_dtype(out, dtype, vocab_max)
     info = np.iinfo(dt)
-    chunks = []
-    for doc in docs:
-        a = np.asarray(list(doc) if not isinstance(doc, np.ndarray) else doc, dtype=np.int64)
-        chunks.append(a)
-        chunks.append(np.array([eos_id], np.int64))
-    arr = np.concatenate(chunks) if chunks else np.zeros((0,), np.int64)
-    if arr.size and (arr.min() < info.min or arr.max() > info.max):
-        raise DataError(f"token ids up to {arr.max()} do not fit {dt.name}; pass --dtype uint32")
-    arr = arr.astype(dt)
+    if not info.min <= eos_id <= info.max:
+        raise DataError(f"eos id {eos_id} does not fit {dt.name}")
+    from tqdm.auto import tqdm
+
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if out.suffix == ".npy":
-            np.save(f, arr)
-        else:
-            arr.tofile(f)
-    tmp.replace(out)
-    return out, int(arr.size)
+    raw = out.with_name(out.name + ".tmp")
+    eos = np.array([eos_id], dt)
+    n = 0
+    try:
+        with open(raw, "wb") as f, tqdm(docs, unit="doc", disable=not progress, desc=out.name) as bar:
+            for doc in bar:
+                a = np.asarray(doc if isinstance(doc, np.ndarray) else list(doc))
+                if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < info.min or a.max() > info.max):
+                    raise DataError(f"token ids up to {a.max()} do not fit {dt.name}; pass --dtype uint32")
+                a.astype(dt).tofile(f)
+                eos.tofile(f)
+                n += a.size + 1
+                bar.set_postfix(tokens=f"{n:,}", refresh=False)
+        if out.suffix == ".npy":  # the header needs the length: prepend it to the raw stream
+            npy = out.with_name(out.name + ".npy.tmp")
+            with open(npy, "wb") as g, open(raw, "rb") as f:
+                np.lib.format.write_array_header_1_0(g, {"descr": np.lib.format.dtype_to_descr(dt),
+                                                         "fortran_order": False, "shape": (n,)})
+                shutil.copyfileobj(f, g, 1 << 24)
+            raw.unlink()
+            raw = npy
+        raw.replace(out)
+    except BaseException:
+        raw.unlink(missing_ok=True)
+        out.with_name(out.name + ".npy.tmp").unlink(missing_ok=True)
+        for d in made:  # innermost first
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+    return out, n
 
 
 def read_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[str]:
@@ -291,7 +317,7 @@ def read_documents(paths: Iterable[str], text_field: str = "text") -> Iterator[s
 
 
 def tokenize_files(tokenizer_json: str, inputs: list[str], out: str, *, eos_id: int | None = None,
-                   dtype: str | None = None, text_field: str = "text") -> tuple[Path, int]:
+                   dtype: str | None = None, text_field: str = "text", progress: bool = False) -> tuple[Path, int]:
     """Tokenize text with an HF ``tokenizers`` tokenizer.json into a token file (EOS after each doc)."""
     from tokenizers import Tokenizer
 
@@ -309,8 +335,20 @@ def tokenize_files(tokenizer_json: str, inputs: list[str], out: str, *, eos_id: 
                 break
         if eos_id is None:
             raise DataError(f"{tp}: no EOS token found (<|endoftext|>, </s>, <eos>); pass --eos-id")
-    docs = (tok.encode(text, add_special_tokens=False).ids for text in read_documents(inputs, text_field))
-    return write_token_file(docs, out, eos_id=eos_id, dtype=dtype, vocab_max=tok.get_vocab_size())
+    if not 0 <= eos_id < tok.get_vocab_size():
+        raise DataError(f"eos id {eos_id} is outside {tp}'s vocabulary of {tok.get_vocab_size()}")
+
+    def docs():  # encode_batch runs the tokenizer's threads over a block of documents at a time
+        block: list[str] = []
+        for text in read_documents(inputs, text_field):
+            block.append(text)
+            if len(block) == 256:
+                yield from (e.ids for e in tok.encode_batch(block, add_special_tokens=False))
+                block = []
+        yield from (e.ids for e in tok.encode_batch(block, add_special_tokens=False))
+
+    return write_token_file(docs(), out, eos_id=eos_id, dtype=dtype, vocab_max=tok.get_vocab_size(),
+                            progress=progress)
 
 
 def byte_documents(texts: Iterable[str]) -> Iterator[np.ndarray]:
@@ -339,10 +377,10 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "tokenize":
             out, n = tokenize_files(args.tokenizer, args.inputs, args.out, eos_id=args.eos_id, dtype=args.dtype,
-                                    text_field=args.text_field)
+                                    text_field=args.text_field, progress=True)
         elif args.cmd == "bytes":
             out, n = write_token_file(byte_documents(read_documents(args.inputs, args.text_field)), args.out,
-                                      eos_id=args.eos_id, dtype="uint8")
+                                      eos_id=args.eos_id, dtype="uint8", progress=True)
         else:
             import pydoc_data.topics as topics
 
