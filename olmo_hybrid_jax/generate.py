@@ -53,7 +53,7 @@ from olmo_hybrid_jax.cache import Cache, init_cache, set_rows
 
 Array = jax.Array
 
-__all__ = ["Sampling", "generate", "prefill", "extend", "sample_logits", "init_cache", "Cache"]
+__all__ = ["Sampling", "check_generate_args", "generate", "prefill", "extend", "sample_logits", "init_cache", "Cache"]
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -72,13 +72,25 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
+        check_generate_args(top_k=self.top_k, top_p=self.top_p)
         if self.temperature is None or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r} "
                              "(use do_sample=False for greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def check_generate_args(*, max_new_tokens: int = 0, temperature: float | None = None, top_k: int | None = None,
+                        top_p: float | None = None, stream_interval: int = 1) -> None:
+    """ValueError naming the first bad one of ``generate``'s keywords (the API, ``Sampling`` and the CLI)."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature is not None and not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(stream_interval, (int, np.integer)) or stream_interval < 1:
+        raise ValueError(f"stream_interval must be an int >= 1, got {stream_interval!r}")
 
 
 def process_logits(logits: Array, sampling: Sampling) -> Array:
@@ -292,7 +304,7 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None, do_
       max_new_tokens: tokens to generate per row (fewer if every row hits EOS).
       attention_mask: [B, P], 0 for left padding, 1 for tokens.
       do_sample: sample instead of greedy argmax. None: sample iff ``temperature`` (> 0), ``top_k`` or
-        ``top_p`` is given. ``temperature`` 0 means greedy.
+        ``top_p`` is given. ``temperature`` 0 means greedy; a negative one is refused.
       temperature, top_k, top_p: transformers' logits warpers, in that order.
       seed: PRNG seed of the sampling.
       eos_token_id: int or ints ending a row; None = the config's; ``()`` never stops early.
@@ -310,8 +322,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None, do_
       with ``return_cache``.
     """
     cfg = model.config
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_generate_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stream_interval=stream_interval)
     eos = _eos_tuple(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
@@ -333,8 +345,6 @@ def generate(model, prompt_ids, max_new_tokens: int, *, attention_mask=None, do_
                       f"{cfg.max_position_embeddings}", stacklevel=2)
     if max_new_tokens == 0:
         return (ids, None) if return_cache else ids
-    if stream_interval < 1:
-        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
 
     logits, cache = prefill(model, ids, attention_mask=mask, max_len=max_len, cache_dtype=cache_dtype,
                             prefill_batch_size=prefill_batch_size)
@@ -384,7 +394,7 @@ class _Text:
 
             self.tok = Tokenizer.from_file(str(tj))
         elif vocab < 256:
-            raise SystemExit(f"no tokenizer.json in {ckpt_dir} and vocab_size={vocab} < 256: cannot use bytes")
+            raise ValueError(f"no tokenizer.json in {ckpt_dir} and vocab_size={vocab} < 256: cannot use bytes")
 
     def encode(self, text: str) -> list[int]:
         if self.tok is not None:
@@ -410,6 +420,8 @@ class _Text:
 
 
 def main(argv=None) -> int:
+    from olmo_hybrid_jax.convert import DTYPE_NAMES, dtype_arg
+
     ap = argparse.ArgumentParser(prog="python -m olmo_hybrid_jax.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="HF safetensors or orbax model directory")
     ap.add_argument("--prompt", required=True)
@@ -418,18 +430,25 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: the checkpoint's)")
+    ap.add_argument("--dtype", type=dtype_arg, default=None,
+                    help=f"parameter dtype: {', '.join(DTYPE_NAMES)} (default: the checkpoint's)")
     ap.add_argument("--stream-interval", type=int, default=4, help="tokens per printed chunk")
     args = ap.parse_args(argv)
+    try:  # every argument is checked before the model loads and the prompt is echoed
+        check_generate_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, stream_interval=args.stream_interval)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        ap.error(f"--{name.replace('_', '-')} {rest}")
     try:
-        model = load_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype) if args.dtype else None)
+        model = load_checkpoint(args.checkpoint, dtype=args.dtype)
+        text = _Text(Path(args.checkpoint), model.config.vocab_size)
+        ids = text.encode(args.prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        _as_batch([ids], None, 0, model.config.vocab_size)  # the same id check generate makes, before the echo
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = _Text(Path(args.checkpoint), model.config.vocab_size)
-    ids = text.encode(args.prompt)
-    if not ids:
-        print("error: the prompt encodes to no tokens", file=sys.stderr)
         return 2
     push = text.streamer()
     print(args.prompt, end="", flush=True)

@@ -1,10 +1,11 @@
 """A trained model out of a run directory: as an ``OlmoHybridForCausalLM``, or as an HF checkpoint.
 
-    python -m olmo_hybrid_jax.train.export RUN_DIR HF_DIR [--step N] [--dtype bfloat16]
+    python -m olmo_hybrid_jax.train.export RUN_DIR HF_DIR [--step N] [--dtype bfloat16] [--overwrite]
 
 ``load_run_model(run_dir)`` restores the parameters of a training checkpoint (the latest, or ``step``)
 into an ``OlmoHybridForCausalLM`` in the list layout (``scan_layers=True`` for the scanned one), whatever
-layout the run trained with.
+layout the run trained with. The CLI writes with ``convert.save_hf`` (its output folder policy: HF_DIR
+new, or this project's checkpoint replaced with ``--overwrite``; files 0666 & ~umask).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs)
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
+    if not (run_dir / "checkpoints").is_dir():  # before the Checkpointer, which would create the folder
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} does not exist: the run saved no checkpoint")
     cfg = load_config(run_dir / "config.yaml")
     ckpt = Checkpointer(run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         async_save=False)
@@ -54,16 +57,18 @@ def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs)
 
 
 def main(argv=None) -> int:
+    from olmo_hybrid_jax.convert import DTYPE_NAMES, check_output_dir, dtype_arg, save_hf
+
     ap = argparse.ArgumentParser(prog="python -m olmo_hybrid_jax.train.export", description=__doc__.split("\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("hf_dir")
     ap.add_argument("--step", type=int, default=None)
-    ap.add_argument("--dtype", default=None, help="dtype of the written tensors (default: fp32 master weights)")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--dtype", type=dtype_arg, default=None,
+                    help=f"dtype of the written tensors: {', '.join(DTYPE_NAMES)} (default: fp32 master weights)")
+    ap.add_argument("--overwrite", action="store_true", help="replace this project's checkpoint in HF_DIR")
     args = ap.parse_args(argv)
-    from olmo_hybrid_jax.convert import save_hf
-
     try:
+        check_output_dir(args.hf_dir, args.overwrite)  # refuse before restoring anything
         model = load_run_model(args.run_dir, args.step)
         out = save_hf(model, args.hf_dir, dtype=args.dtype, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
