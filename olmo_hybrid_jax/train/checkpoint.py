@@ -14,10 +14,17 @@ written into a temporary directory (``<step>.orbax-checkpoint-tmp-*``) and renam
 after every item and the commit marker are complete, so a process killed mid-save leaves at most a
 temporary directory that ``latest_step`` ignores and the next manager cleans up; the previous
 checkpoint stays restorable.
+
+A finished step can still be damaged later (a truncated shard, a deleted item, a torn JSON file):
+``restore_newest`` tries the steps newest first, reports each one that fails in one line and restores
+the next older one; nothing is deleted. ``move_aside`` then moves the unrestorable newer steps out of
+orbax's directory (so the resumed run can save those step numbers again and ``keep`` counts only good
+ones).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,34 @@ def _ocp():
     import orbax.checkpoint as ocp
 
     return ocp
+
+
+class UnrestorableCheckpoints(RuntimeError):
+    """No checkpoint of the run restores; the message lists each step tried and why it failed."""
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (tensorstore's own error, not orbax's 60-line wrapper)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    first = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def _key(k) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_shapes(tree) -> dict[str, tuple]:
+    """``{"params/model/embed_tokens/embedding": shape, ...}`` of a pytree of arrays or array metadata."""
+    import jax
+
+    return {"/".join(_key(k) for k in path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class Checkpointer:
@@ -38,7 +73,10 @@ class Checkpointer:
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save,
                                             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "meta"), options=opts)
+        # handlers named up front: item_metadata (the saved shapes) works before any save or restore
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=opts)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -60,8 +98,80 @@ class Checkpointer:
         return out["state"], out["data"], out["meta"]
 
     def read_meta(self, step: int) -> dict:
+        return self._read_json(step, "meta")
+
+    def _read_json(self, step: int, item: str) -> dict:
         ocp = _ocp()
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def state_shapes(self, step: int) -> dict[str, tuple]:
+        """The saved state's array shapes by path (orbax's metadata; no array is read)."""
+        md = self.manager.item_metadata(step)
+        if "state" not in md.keys():
+            raise FileNotFoundError(f"no state item in {self.directory / str(step)}")
+        md = md["state"]
+        return leaf_shapes(getattr(md, "tree", md))
+
+    def restore_newest(self, abstract_state: Any, *, check: Callable[[int, dict, dict], None] | None = None,
+                       use_data: Callable[[dict], None] | None = None,
+                       log: Callable[[str], None] = print) -> tuple[int, Any, dict, list[tuple[int, str]]]:
+        """Restore the newest step that restores: (step, state, meta, [(step, error line) of newer ones that
+        failed]). ``check(step, meta, saved_shapes)`` runs before the arrays are read and raises when the
+        checkpoint does not fit the config (a config error, never walked back over); ``use_data(data_state)``
+        applies the data iterator state (a failure there counts as a broken checkpoint too). Raises
+        ``UnrestorableCheckpoints`` when none restores."""
+        ocp = _ocp()
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            item = "meta/"
+            try:  # the small items one at a time first, so the report names the broken one
+                meta = self.read_meta(step)
+                item = "data/"
+                data_state = self._read_json(step, "data")
+                item = "state/ metadata"
+                shapes = self.state_shapes(step)
+                if check is not None:
+                    item = None
+                    check(step, meta, shapes)
+                item = "state/"
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
+                item = "data/ (iterator state)"
+                if use_data is not None:
+                    use_data(data_state)
+            except Exception as e:  # any read failure means this step is unusable; a misfit (item None) is not
+                if item is None:
+                    raise
+                failed.append((step, f"{item}: {error_line(e)}"))
+                log(f"checkpoint step {step} ({self.directory / str(step)}) does not restore, {failed[-1][1]}; "
+                    "trying the previous one")
+                continue
+            return step, state, meta, failed
+        tried = "; ".join(f"step {s}: {msg}" for s, msg in failed) or "no checkpoint found"
+        raise UnrestorableCheckpoints(f"no checkpoint in {self.directory} restores ({tried}); nothing was deleted")
+
+    def move_aside(self, steps: list[int], dest: Path) -> list[Path]:
+        """Move the step folders ``steps`` (unrestorable ones) to ``dest/<step>`` (never deleted) and re-read
+        the step list, so those step numbers can be saved again. Process 0 moves; every process waits."""
+        import jax
+
+        moved = []
+        if jax.process_index() == 0:
+            dest.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                target = dest / str(s)
+                n = 1
+                while target.exists():  # an earlier resume moved this step number aside already
+                    target = dest / f"{s}.{n}"
+                    n += 1
+                (self.directory / str(s)).rename(target)
+                moved.append(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("olmo_hybrid_jax.checkpoint.move_aside")
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
