@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 
@@ -64,11 +65,39 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def progress_bar(start: int, total: int, enabled: bool):
-    from tqdm.auto import tqdm
+class Progress:
+    """A tqdm bar driven by the flushed metrics rows, so its count and postfix are always the same step's.
 
-    return tqdm(initial=start, total=total, disable=not enabled, dynamic_ncols=True, unit="step",
-                desc="train")
+    The rate (and ETA) counts from the first step this invocation finished: that step's time is mostly
+    compilation. It draws at most every ``mininterval`` seconds and never for the final step, which
+    ``close`` draws once (tqdm's close always redraws; drawing it here too printed the last line twice).
+    """
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(initial=start, total=total, disable=not enabled, dynamic_ncols=True, unit="step",
+                        desc="train")
+        self._timed = False
+        self._drawn = 0.0
+
+    def update(self, row: dict, *, final: bool = False) -> None:
+        bar = self.bar
+        if bar.disable:
+            return
+        bar.n = row["step"]
+        bar.set_postfix(format_postfix(row), refresh=False)
+        if not self._timed:  # restart the clock after the first step: rate = later steps / their time
+            bar.initial = row["step"]
+            bar.unpause()
+            self._timed = True
+        now = time.monotonic()
+        if not final and now - self._drawn >= bar.mininterval:
+            bar.refresh()
+            self._drawn = now
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def format_postfix(row: dict) -> dict:

@@ -20,6 +20,7 @@ metrics see the step's values. N = 1 is the plain step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -308,58 +309,139 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------- loop
+MAX_BAD_STEPS = 8  # consecutive non-finite or skipped steps that stop a run as diverged (run(max_bad_steps=))
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, what a shell reports for it
+
+
+class TrainingDiverged(RuntimeError):
+    """``max_bad_steps`` steps in a row had a non-finite loss or were skipped; nothing newer than the last good
+    checkpoint was saved."""
+
+
 def _meta(trainer: Trainer) -> dict:
     return {"config": trainer.cfg.to_dict(), "model_config": trainer.mcfg.to_hf(),
             "layout": "scanned" if trainer.scanned else "list", "param_count": trainer.param_count}
 
 
-def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
+def _resume_mode(resume) -> str | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "auto":
+        return "auto"
+    if resume == "require":
+        return "require"
+    raise ValueError(f"resume={resume!r}: expected False, True / 'auto' or 'require'")
+
+
+def _is_bad(row: dict) -> bool:
+    return bool(row["skipped"]) or not math.isfinite(row["loss"])
+
+
+def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad_steps: int | None = None) -> dict:
     """Train to ``cfg.train.steps`` total steps, writing OUT/{config.yaml,metrics.jsonl,checkpoints/}.
 
-    Returns a summary dict (last metrics row, steps run, wall time).
+    ``resume``: False refuses a run folder that has checkpoints; True / "auto" continues from the newest
+    checkpoint that restores (a broken one is reported and the previous one tried; one that does not fit
+    the config is a ConfigError), or starts fresh when there is none; "require" raises ConfigError when
+    there is none. A checkpoint already at or past ``train.steps`` runs nothing ("nothing to do").
+
+    A step with a non-finite loss or one the optimizer skipped is never checkpointed (the save moves to the
+    next good step); ``max_bad_steps`` (default ``MAX_BAD_STEPS``; 0 = never) of them in a row raise
+    TrainingDiverged without saving. SIGTERM / SIGINT finish the current step, save it and return with
+    ``summary["stopped_by"]`` = "SIGTERM" / "SIGINT"; a second SIGINT raises KeyboardInterrupt at once.
+    A setup that fails (bad data, a checkpoint that does not fit, none that restores) leaves no folder
+    behind that this call created: the run folder and its checkpoints/ are removed again (``rmdir``) when
+    they hold nothing but this call's data-scan cache; nothing that existed before is touched.
+
+    Returns a summary dict: ``last`` (metrics row), ``start_step``, ``steps`` (reached), ``steps_run`` (this
+    call), ``last_finite_loss``, ``stopped_by``, ``resumed_from``, ``unrestorable`` (steps moved aside),
+    ``wall_s``.
     """
     from olmo_hybrid_jax.train.checkpoint import Checkpointer
     from olmo_hybrid_jax.train.data import make_dataset, make_iterator
-    from olmo_hybrid_jax.train.metrics import MetricsWriter, format_postfix, progress_bar, truncate_metrics
+    from olmo_hybrid_jax.train.metrics import MetricsWriter, Progress, truncate_metrics
 
+    mode = _resume_mode(resume)
+    max_bad = MAX_BAD_STEPS if max_bad_steps is None else max_bad_steps
     out = Path(out_dir)
+    ck_dir = out / "checkpoints"
     is_main = jax.process_index() == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    trainer = Trainer(cfg, out)
-    ckpt = Checkpointer(out / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save)
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
-        raise ConfigError(f"{out} already has checkpoints (latest step {latest}); pass --resume to continue "
-                          "or choose a new --out")
-    dataset, rows = make_dataset(cfg.data, trainer.eos_id, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), vocab_size=trainer.mcfg.vocab_size,
-                                 max_id_cache=(out / "data_max_token_ids.json") if is_main else None)
-    data_iter = make_iterator(dataset, cfg.data)
-    mesh_desc = "x".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
-    log(f"devices: {jax.device_count()} x {trainer.device_kind} ({jax.process_count()} process(es)); mesh {mesh_desc}")
-    log(f"model: {trainer.param_count / 1e6:,.2f}M params, {trainer.mcfg.num_hidden_layers} layers, layout "
-        f"{'scanned' if trainer.scanned else 'list'}, remat {cfg.model.remat}, compute {cfg.model.compute_dtype}; "
-        f"{trainer.flops_per_token:.3e} train FLOPs/token")
-    accum = (f" ({cfg.train.grad_accum_steps} microbatches of {trainer.micro_batch_size})"
-             if cfg.train.grad_accum_steps > 1 else "")
-    log(f"data: {len(rows):,} rows x {cfg.data.seq_len} from {rows.num_tokens:,} tokens in {len(rows.paths)} "
-        f"file(s); global batch {cfg.data.global_batch_size}{accum}; document_aware={cfg.data.document_aware}")
+    total = cfg.train.steps
+    trainer = Trainer(cfg, out)  # config errors before anything is written
 
-    start_step = 0
-    if resume and latest is not None:
-        meta = ckpt.read_meta(latest)
-        _warn_config_drift(meta.get("config", {}), cfg)
-        state, data_state, _ = ckpt.restore(latest, _abstract_with_shardings(trainer))
-        data_iter.set_state(data_state)
-        start_step = int(jax.device_get(state["step"]))
-        log(f"resumed from {out / 'checkpoints' / str(latest)} at step {start_step}")
-    else:
-        if resume:
-            log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
-        state = trainer.init_state()
+    def new_checkpointer():
+        return Checkpointer(ck_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                            async_save=cfg.checkpoint.async_save)
+
+    ckpt = new_checkpointer() if ck_dir.is_dir() else None  # orbax creates its directory: only open one that exists
+    latest = ckpt.latest_step() if ckpt is not None else None
+    problem = nothing = None
+    if latest is not None and mode is None:
+        problem = (f"{out} already has checkpoints (latest step {latest}); pass --resume to continue "
+                   "or choose a new --out")
+    elif latest is None and mode == "require":
+        problem = f"--resume=require: no checkpoint in {ck_dir}"
+    elif latest is not None and latest >= total:
+        nothing = (f"nothing to do: the checkpoint at step {latest} in {ck_dir} is "
+                   f"{'already at' if latest == total else 'past'} train.steps={total}")
+    elif latest is None and total == 0:
+        nothing = "nothing to do: train.steps=0"
+    if problem or nothing:
+        if ckpt is not None:
+            ckpt.close()
+        if problem:
+            raise ConfigError(problem)
+        log(nothing)
+        return {"last": {}, "start_step": latest or 0, "steps": latest or 0, "steps_run": 0,
+                "last_finite_loss": None, "stopped_by": None, "resumed_from": None, "unrestorable": [],
+                "wall_s": time.time() - t_start}
+
+    created = is_main and not out.exists()
+    ck_created = is_main and not ck_dir.exists()
+    resumed_from, moved = None, []
+    try:
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            ckpt = new_checkpointer()
+        dataset, rows = make_dataset(cfg.data, trainer.eos_id, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), vocab_size=trainer.mcfg.vocab_size,
+                                     max_id_cache=(out / "data_max_token_ids.json") if is_main else None)
+        data_iter = make_iterator(dataset, cfg.data)
+        mesh_desc = "x".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+        log(f"devices: {jax.device_count()} x {trainer.device_kind} ({jax.process_count()} process(es)); "
+            f"mesh {mesh_desc}")
+        log(f"model: {trainer.param_count / 1e6:,.2f}M params, {trainer.mcfg.num_hidden_layers} layers, layout "
+            f"{'scanned' if trainer.scanned else 'list'}, remat {cfg.model.remat}, compute {cfg.model.compute_dtype}; "
+            f"{trainer.flops_per_token:.3e} train FLOPs/token")
+        accum = (f" ({cfg.train.grad_accum_steps} microbatches of {trainer.micro_batch_size})"
+                 if cfg.train.grad_accum_steps > 1 else "")
+        log(f"data: {len(rows):,} rows x {cfg.data.seq_len} from {rows.num_tokens:,} tokens in {len(rows.paths)} "
+            f"file(s); global batch {cfg.data.global_batch_size}{accum}; document_aware={cfg.data.document_aware}")
+
+        start_step = 0
+        if latest is not None:
+            fits = lambda s, m, shapes: _check_fits(trainer, ck_dir, s, m, shapes)
+            resumed_from, state, saved_meta, failed = ckpt.restore_newest(
+                _abstract_with_shardings(trainer), check=fits, use_data=data_iter.set_state, log=log)
+            _warn_config_drift(saved_meta.get("config", {}), cfg)
+            if failed:  # out of orbax's way: their step numbers are saved again, `keep` counts good ones only
+                moved = ckpt.move_aside([s for s, _ in failed], out / "checkpoints_unrestorable")
+                log(f"moved the unrestorable step(s) {[s for s, _ in failed]} to {out / 'checkpoints_unrestorable'} "
+                    "(nothing deleted)")
+            start_step = int(jax.device_get(state["step"]))
+            log(f"resumed from {ck_dir / str(resumed_from)} at step {start_step}")
+        else:
+            if mode is not None:
+                log(f"--resume: no checkpoint in {ck_dir}; starting from scratch")
+            state = trainer.init_state()
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        _remove_if_created(out if created else None, ck_dir if ck_created else None)
+        raise
+
     if is_main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
         if start_step == 0:
@@ -367,17 +449,18 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
         else:
             truncate_metrics(out / "metrics.jsonl", start_step)
     writer = MetricsWriter(out / "metrics.jsonl", enabled=is_main)
-    total = cfg.train.steps
     meta = _meta(trainer)
-    bar = progress_bar(start_step, total, cfg.train.progress and is_main)
+    bar = Progress(start_step, total, cfg.train.progress and is_main)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     ndev = jax.device_count()
     last_row: dict = {}
+    last_finite: tuple[int, float] | None = None
+    bad = {"streak": 0, "first": None}
     pending = None
     t_prev = time.time()
 
-    def flush(pending):
-        nonlocal t_prev, last_row
+    def flush(pending, final=False) -> dict:
+        nonlocal t_prev, last_row, last_finite
         step, m = pending
         m = jax.device_get(m)
         now = time.time()
@@ -390,53 +473,145 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool = False) -> dict:
                "tokens_per_s": tps, "tokens_per_s_per_device": tps / ndev if tps else None,
                "mfu": (tps * trainer.flops_per_token / (ndev * trainer.peak)) if (tps and trainer.peak) else None}
         writer.write(row)
-        bar.update(1)
-        bar.set_postfix(format_postfix(row), refresh=False)
         last_row = row
+        if math.isfinite(row["loss"]):
+            last_finite = (step, row["loss"])
+        if _is_bad(row):
+            bad["streak"] += 1
+            bad["first"] = bad["first"] or step
+        else:
+            bad["streak"], bad["first"] = 0, None
+        diverged = max_bad > 0 and bad["streak"] >= max_bad
+        bar.update(row, final=final or diverged)
+        if diverged:  # every process reads the same (replicated) metrics: all stop here
+            newest = ckpt.latest_step()
+            saved = f"the newest checkpoint is step {newest} in {ck_dir}" if newest is not None else "no checkpoint"
+            raise TrainingDiverged(
+                f"training diverged: {bad['streak']} steps in a row ({bad['first']}-{step}) had a non-finite loss "
+                f"or were skipped (step {step}: loss {row['loss']:.4g}, grad_norm {row['grad_norm']:.4g}); nothing "
+                f"after the last good step was saved ({saved}); lower optim.lr or check the data")
+        return row
 
-    stop = _install_sigterm_handler()
+    signals = _StopSignals()
+    stopped_by = None
+    save_due = False  # a checkpoint boundary fell on a bad step: save the next good one
     try:
         for step in range(start_step + 1, total + 1):
             batch = trainer.device_batch(next(data_iter))
             state, metrics = trainer.step_fn(state, batch)
+            stopping = signals.agreed()  # the same answer on every process at this step
             if pending is not None:
                 flush(pending)
             pending = (step, metrics)
-            if step % cfg.checkpoint.every == 0 or step == total or stop["flag"]:
-                flush(pending)  # the checkpoint's step must be logged before it is saved
+            if step % cfg.checkpoint.every == 0 or step == total or save_due or stopping:
+                row = flush(pending, final=step == total or stopping is not None)  # logged before it is saved
                 pending = None
-                ckpt.save(step, state, data_iter.get_state(), meta, force=True)
-                if stop["flag"]:
-                    log(f"SIGTERM: saved step {step}; exiting (continue with --resume)")
+                if _is_bad(row):
+                    if not save_due:
+                        log(f"step {step}: loss {row['loss']:.4g}{' (skipped)' if row['skipped'] else ''}; "
+                            "not checkpointed, the next good step will be")
+                    save_due = step < total
+                else:
+                    ckpt.save(step, state, data_iter.get_state(), meta, force=True)
+                    save_due = False
+                if stopping and step < total:
+                    stopped_by = stopping
+                    what = (f"saved step {step}" if not _is_bad(row) else
+                            f"step {step} was not saved (non-finite or skipped; newest checkpoint: "
+                            f"{ckpt.latest_step()})")
+                    log(f"{stopping}: {what}; exiting (continue with --resume)")
                     break
         if pending is not None:
-            flush(pending)
+            flush(pending, final=True)
         ckpt.wait()
     finally:
+        signals.restore()
         bar.close()
         writer.close()
         ckpt.close()
     reached = last_row.get("step", start_step)
-    summary = {"last": last_row, "start_step": start_step, "steps": reached, "wall_s": time.time() - t_start}
-    log(f"{'done' if reached >= total else 'stopped'}: step {reached} of {total}, "
-        f"loss {last_row.get('loss', float('nan')):.4f}, {summary['wall_s']:.1f}s; "
-        f"checkpoints {ckpt.all_steps()} in {out / 'checkpoints'}")
+    summary = {"last": last_row, "start_step": start_step, "steps": reached, "steps_run": reached - start_step,
+               "last_finite_loss": last_finite[1] if last_finite else None, "stopped_by": stopped_by,
+               "resumed_from": resumed_from, "unrestorable": [int(p.name.split(".")[0]) for p in moved],
+               "wall_s": time.time() - t_start}
+    loss = f"last finite loss {last_finite[1]:.4f} (step {last_finite[0]})" if last_finite else "no finite loss"
+    unsaved = (f"; step {reached} was not checkpointed (non-finite or skipped)"
+               if last_row and _is_bad(last_row) else "")
+    log(f"{f'stopped by {stopped_by}' if stopped_by else 'done'}: step {reached} of {total}, "
+        f"{summary['steps_run']} step(s) this run, {loss}, {summary['wall_s']:.1f}s; "
+        f"checkpoints {ckpt.all_steps()} in {ck_dir}{unsaved}")
     return summary
 
 
-def _install_sigterm_handler() -> dict:
-    """On SIGTERM (preemption) finish the current step, checkpoint it and stop. Single-process only:
-    with several processes each would stop at its own step, so there the default handler stays."""
-    import signal
-    import threading
+def _remove_if_created(out: Path | None, ck_dir: Path | None) -> None:
+    """After a failed setup: remove the folders this call created (``None``: it did not), only while they
+    hold nothing but its own data-scan cache (``rmdir``, never a recursive delete)."""
+    if ck_dir is not None and ck_dir.is_dir() and not any(ck_dir.iterdir()):
+        ck_dir.rmdir()
+    if out is not None and out.is_dir():
+        (out / "data_max_token_ids.json").unlink(missing_ok=True)  # written by this call: the folder is new
+        if not any(out.iterdir()):
+            out.rmdir()
 
-    stop = {"flag": False}
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-        def handler(signum, frame):
-            stop["flag"] = True
 
-        signal.signal(signal.SIGTERM, handler)
-    return stop
+_SIGNALS = ("SIGINT", "SIGTERM")  # a vote's code is its index + 1; the max over processes wins
+
+
+@functools.cache
+def _max_over_processes():
+    """(sharding of one int per device, jitted max) for the per-step vote of several processes."""
+    P = jax.sharding.PartitionSpec
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("p",))
+    return (jax.sharding.NamedSharding(mesh, P("p")),
+            jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(mesh, P())))
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT set a flag the loop reads after dispatching each step (finish it, save it, stop); a
+    second SIGINT raises KeyboardInterrupt at once. ``restore`` puts the previous handlers back.
+
+    With several processes each would see its own signal at its own step, so ``agreed`` combines the flags:
+    a tiny jitted max over one int per device, dispatched each step and read one step later (by then the
+    step before it, which the metrics flush waits for anyway, is done: no extra host sync). One process
+    reads its flag directly.
+    """
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.received: str | None = None
+        self._vote = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            for name in _SIGNALS:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now, without saving
+        self.received = self.received or signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        if jax.process_count() == 1:
+            return self.received
+        sharding, vote_max = _max_over_processes()
+        code = _SIGNALS.index(self.received) + 1 if self.received else 0
+        local = np.full((jax.local_device_count(),), code, np.int32)
+        vote = vote_max(jax.make_array_from_process_local_data(sharding, local, (jax.device_count(),)))
+        prev, self._vote = self._vote, vote
+        code = int(np.asarray(prev.addressable_data(0))) if prev is not None else 0
+        return _SIGNALS[code - 1] if code else None
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _abstract_with_shardings(trainer: Trainer):
@@ -444,17 +619,53 @@ def _abstract_with_shardings(trainer: Trainer):
                         trainer.abstract_state, trainer.state_sharding)
 
 
+def _check_fits(trainer: Trainer, ck_dir: Path, step: int, meta: dict, saved: dict) -> None:
+    """Raise ConfigError (one line, naming the differing fields) when the checkpoint's arrays do not fit the
+    configured model and optimizer: a config problem, not a broken checkpoint to walk back over."""
+    from olmo_hybrid_jax.train.checkpoint import leaf_shapes
+
+    want = leaf_shapes(trainer.abstract_state)
+    missing = [k for k in want if k not in saved]
+    extra = [k for k in saved if k not in want]
+    differ = [k for k in want if k in saved and saved[k] != want[k]]
+    if not (missing or extra or differ):
+        return
+    old, new = meta.get("model_config", {}), trainer.mcfg.to_hf()
+    fields = [f"{k}={old.get(k)!r}, the config gives {new.get(k)!r}" for k in sorted(set(old) | set(new))
+              if json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)]
+    layout = "scanned" if trainer.scanned else "list"
+    if meta.get("layout", layout) != layout:
+        fields.append(f"layout {meta['layout']!r}, the config gives {layout!r} (model.scan_layers)")
+    if not fields:  # same model: an optimizer setting shapes its state (e.g. optim.skip_window)
+        fields = [f"{key}={was!r}, the config gives {now!r}"
+                  for key, was, now in _config_diffs(meta.get("config", {}), trainer.cfg)]
+    if differ:
+        eg = f"{differ[0]} is {saved[differ[0]]} there, {want[differ[0]]} here"
+    else:
+        eg = f"{missing[0]} is missing" if missing else f"{extra[0]} is not in the model"
+    n = len(missing) + len(extra) + len(differ)
+    raise ConfigError(f"checkpoint step {step} in {ck_dir} has {'; '.join(fields) or 'other array shapes'}: "
+                      f"{n} saved array(s) do not fit (e.g. {eg}); resume with the checkpoint's settings or "
+                      "train into a new --out")
+
+
 _DRIFT_IGNORED = {("train", "steps"), ("train", "progress"), ("checkpoint", "every"), ("checkpoint", "keep"),
                   ("checkpoint", "async_save"), ("data", "num_threads"), ("data", "prefetch")}
 
 
-def _warn_config_drift(saved: dict, cfg: Config) -> None:
-    now = cfg.to_dict()
-    for sec, vals in now.items():
+def _config_diffs(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """("section.key", saved value, current value) for each config key that changed (bookkeeping keys aside)."""
+    out = []
+    for sec, vals in cfg.to_dict().items():
         for k, v in vals.items():
             if (sec, k) in _DRIFT_IGNORED:
                 continue
             old = saved.get(sec, {}).get(k, v)
             if json.dumps(old, sort_keys=True) != json.dumps(v, sort_keys=True):
-                log(f"warning: {sec}.{k} was {old!r} in the checkpoint, now {v!r}; the run will not match "
-                    "an uninterrupted one")
+                out.append((f"{sec}.{k}", old, v))
+    return out
+
+
+def _warn_config_drift(saved: dict, cfg: Config) -> None:
+    for key, old, v in _config_diffs(saved, cfg):
+        log(f"warning: {key} was {old!r} in the checkpoint, now {v!r}; the run will not match an uninterrupted one")
