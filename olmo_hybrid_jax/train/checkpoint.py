@@ -48,6 +48,32 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}"
 
 
+_STRAY = ("Event loop is closed", "Encountered error while reading")
+_stray_filter_installed = False
+
+
+def _drop_abandoned_read_errors() -> None:
+    """When one array fails to read, orbax abandons the others; their coroutines and tensorstore callbacks
+    later raise into its closed event loop (two "Exception ignored" tracebacks per array, many at interpreter
+    exit: thousands of lines after the one-line report). From the first failed restore on, this process
+    drops exactly those (and asyncio's "exception was never retrieved" records); anything else still prints."""
+    global _stray_filter_installed
+    if _stray_filter_installed:
+        return
+    import logging
+    import sys
+
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if not any(m in str(u.exc_value) for m in _STRAY):
+            previous(u)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+    _stray_filter_installed = True
+
+
 def _key(k) -> str:
     for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
         if hasattr(k, attr):
@@ -142,6 +168,8 @@ class Checkpointer:
             except Exception as e:  # any read failure means this step is unusable; a misfit (item None) is not
                 if item is None:
                     raise
+                if item == "state/":
+                    _drop_abandoned_read_errors()
                 failed.append((step, f"{item}: {error_line(e)}"))
                 log(f"checkpoint step {step} ({self.directory / str(step)}) does not restore, {failed[-1][1]}; "
                     "trying the previous one")
