@@ -523,6 +523,7 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
                     break
         if pending is not None:
             flush(pending, final=True)
+        bar.close()  # its final rate without the wait for the last save
         ckpt.wait()
     finally:
         signals.restore()
