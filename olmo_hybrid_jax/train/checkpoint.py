@@ -17,7 +17,8 @@ checkpoint stays restorable.
 
 A finished step can still be damaged later (a truncated shard, a deleted item, a torn JSON file):
 ``restore_newest`` tries the steps newest first, reports each one that fails in one line and restores
-the next older one; nothing is deleted. ``move_aside`` then moves the unrestorable newer steps out of
+the next older one (every process the same one: a step counts as restored only where all did); nothing
+is deleted. ``move_aside`` then moves the unrestorable newer steps out of
 orbax's directory (so the resumed run can save those step numbers again and ``keep`` counts only good
 ones).
 """
@@ -89,6 +90,18 @@ def leaf_shapes(tree) -> dict[str, tuple]:
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (each reads its own shards: all must walk back together)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` with the three items above."""
 
@@ -149,7 +162,7 @@ class Checkpointer:
         ocp = _ocp()
         failed: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
-            item = "meta/"
+            item, why = "meta/", None
             try:  # the small items one at a time first, so the report names the broken one
                 meta = self.read_meta(step)
                 item = "data/"
@@ -170,8 +183,12 @@ class Checkpointer:
                     raise
                 if item == "state/":
                     _drop_abandoned_read_errors()
-                failed.append((step, f"{item}: {error_line(e)}"))
-                log(f"checkpoint step {step} ({self.directory / str(step)}) does not restore, {failed[-1][1]}; "
+                why = f"{item}: {error_line(e)}"
+            if not _all_processes(why is None) and why is None:
+                why = "another process could not restore it"
+            if why is not None:
+                failed.append((step, why))
+                log(f"checkpoint step {step} ({self.directory / str(step)}) does not restore, {why}; "
                     "trying the previous one")
                 continue
             return step, state, meta, failed
