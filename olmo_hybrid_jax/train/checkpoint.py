@@ -50,14 +50,24 @@ def error_line(e: BaseException) -> str:
 
 
 _STRAY = ("Event loop is closed", "Encountered error while reading")
+_STRAY_ASYNCIO = ("exception was never retrieved", "Task was destroyed but it is pending")
 _stray_filter_installed = False
+
+
+def _from_orbax(tb) -> bool:
+    while tb is not None:
+        if "/orbax/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _drop_abandoned_read_errors() -> None:
     """When one array fails to read, orbax abandons the others; their coroutines and tensorstore callbacks
     later raise into its closed event loop (two "Exception ignored" tracebacks per array, many at interpreter
     exit: thousands of lines after the one-line report). From the first failed restore on, this process
-    drops exactly those (and asyncio's "exception was never retrieved" records); anything else still prints."""
+    drops exactly those (raised in orbax or into its closed loop, and asyncio's "never retrieved" / "destroyed
+    but pending" records); anything else still prints."""
     global _stray_filter_installed
     if _stray_filter_installed:
         return
@@ -67,11 +77,11 @@ def _drop_abandoned_read_errors() -> None:
     previous = sys.unraisablehook
 
     def hook(u):
-        if not any(m in str(u.exc_value) for m in _STRAY):
+        if not (_from_orbax(u.exc_traceback) or any(m in str(u.exc_value) for m in _STRAY)):
             previous(u)
 
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+    logging.getLogger("asyncio").addFilter(lambda r: not any(m in r.getMessage() for m in _STRAY_ASYNCIO))
     _stray_filter_installed = True
 
 
