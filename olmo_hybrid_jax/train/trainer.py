@@ -185,6 +185,8 @@ class Trainer:
         self.logits_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq", "act_vocab"),
                                                        (mb, min(cfg.train.loss_chunk, dc.seq_len),
                                                         self.mcfg.vocab_size))
+        self.embed_lookup_sharding = shd.activation_sharding(self.mesh, self.rules, ("vocab", None),
+                                                             (self.mcfg.vocab_size, self.mcfg.hidden_size))
         self.flops_per_token = train_flops_per_token(self.mcfg, dc.seq_len)
         kind = jax.devices()[0].device_kind
         self.device_kind = kind
@@ -239,6 +241,12 @@ class Trainer:
             # matrices in the compute dtype before use: FSDP gathers move half the bytes; numerically
             # the same as the modules' own casts. 1-D params (norms, A_log, dt_bias) stay fp32.
             params = jax.tree.map(lambda p: p.astype(cdt) if p.ndim >= 2 else p, params)
+        # the embedding table gathered over its hidden dim before the lookup, as FSDP gathers every matrix
+        # before its matmul: with the table's fsdp-sharded hidden dim, the SPMD partitioner would replicate
+        # the whole batch's gradient for the scatter-add ("Involuntary full rematerialization" under HSDP)
+        emb = params["model"]["embed_tokens"]
+        emb = {**emb, "embedding": jax.lax.with_sharding_constraint(emb["embedding"], self.embed_lookup_sharding)}
+        params = {**params, "model": {**params["model"], "embed_tokens": emb}}
         model = nnx.merge(self.graphdef, params)
         tokens = batch["tokens"]
         doc = cfg.data.document_aware
