@@ -1,0 +1,126 @@
+"""Training beyond one process, with real collectives: two JAX processes on localhost (jax.distributed,
+CPU collectives over gloo, 2 emulated devices each) run train.py with HSDP (mesh.data=2 across the
+processes, fsdp=2 inside each), and checkpoints move between meshes (elastic resume).
+
+Checked against one process with 4 devices (fp32): the same losses; metrics written once (by process 0);
+the checkpoint both processes wrote restores in one process on another device count and continues with
+the losses of the uninterrupted run; a mesh that cannot hold the saved global batch is refused before
+anything in the run directory changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--config", "configs/tiny.yaml", "train.progress=false", "checkpoint.every=2", "checkpoint.keep=3",
+        "data.seq_len=64"]
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("JAX_PLATFORMS", None)
+    env.update(extra)
+    return env
+
+
+def _train(out, *args, devices=4, check=True):
+    p = subprocess.run([sys.executable, "train.py", *ARGS, "--out", str(out), *args], cwd=REPO, env=_env(devices),
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_two_processes(out, *args):
+    """Process i of 2 with 2 devices each: JAX's own launcher variables, gloo for the CPU collectives."""
+    addr = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "train.py", *ARGS, "--out", str(out), *args], cwd=REPO,
+                              env=_env(2, JAX_COORDINATOR_ADDRESS=addr, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        results.append((p.returncode, err))
+    for i, (rc, err) in enumerate(results):
+        assert rc == 0, f"process {i} failed ({rc}):\n{err[-4000:]}"
+    return [err for _, err in results]
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _rows(out)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One process, 4 devices (fsdp=4), 6 steps, checkpoints at 2, 4, 6."""
+    out = tmp_path_factory.mktemp("one_process")
+    _train(out, "--steps", "6")
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_hsdp_match_one_process_and_resume_elsewhere(uninterrupted, tmp_path):
+    ref = _losses(uninterrupted)
+    assert sorted(ref) == list(range(1, 7))
+    run = tmp_path / "two"
+    errs = _train_two_processes(run, "--steps", "4", "mesh.data=2", "mesh.fsdp=2")
+    assert "(2 process(es)); mesh data=2xfsdp=2" in errs[0]
+    assert "done: step 4 of 4" in errs[0] and "done:" not in errs[1]  # process 0 speaks for the run
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once, not once per process
+    for s in range(1, 5):
+        assert rows[s - 1]["loss"] == pytest.approx(ref[s], rel=1e-5), s
+    # each process wrote its own shards of one checkpoint; it restores in ONE process on 2 devices
+    # (another process count, device count and data x fsdp split) and continues the uninterrupted run
+    p = _train(run, "--steps", "6", "--resume", "mesh.data=1", "mesh.fsdp=2", devices=2)
+    assert "at step 4" in p.stderr
+    got = _losses(run)
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in (5, 6)], [ref[s] for s in (5, 6)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_elastic_resume_four_devices_to_two_and_a_mesh_too_large_is_refused(uninterrupted, tmp_path):
+    run = tmp_path / "elastic"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / "checkpoints" / "6")  # as if the 4-device job had stopped after step 4's save
+    # 16 rows cannot be split over 3 data-parallel shards: refused before anything in the run changes
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    p = _train(run, "--steps", "6", "--resume", devices=3, check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "data.global_batch_size=16 is not divisible by the 3 data-parallel shards" in p.stderr
+    assert {q.relative_to(run): q.read_bytes() for q in run.rglob("*") if q.is_file()} == before
+    # 4 devices (fsdp=4) -> 2 devices (fsdp=2): same data position, same losses
+    p = _train(run, "--steps", "6", "--resume", "mesh.fsdp=2", devices=2)
+    assert "at step 4" in p.stderr
+    got, ref = _losses(run), _losses(uninterrupted)
+    assert sorted(got) == list(range(1, 7))
+    assert [got[s] for s in range(1, 5)] == [ref[s] for s in range(1, 5)]  # the rows before the resume are kept
+    np.testing.assert_allclose([got[s] for s in (5, 6)], [ref[s] for s in (5, 6)], rtol=1e-5)
