@@ -39,7 +39,10 @@ for "pallas", None = the tuned table ``config.TUNED_PALLAS_CONFIGS`` for this de
 
 Sharding: with ``shard_axes=ShardAxes(batch=(...), heads=(...))`` (mesh axis names) the resolved
 backend runs per shard inside ``jax.shard_map`` over ``mesh`` (or the context mesh), batch and heads
-split as named (``sharding.py``): the kernels' custom calls never meet XLA's partitioner.
+split as named (``sharding.py``): the kernels' custom calls never meet XLA's partitioner. With
+``ShardAxes(seq=(...))`` naming axes of more than one device, the sequence is split over them too and
+the op runs the context-parallel associative-scan form (the one form that splits T; any ``backend``
+and a ``PallasConfig`` are then unused, a ``ChunkConfig`` sets its chunk size).
 
 Backends: "sequential" (token-by-token oracle), "chunked" (WY form, lax.scan
 over chunks), "associative_scan" (WY form, associative scan over per-chunk
@@ -62,11 +65,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import pallas_gpu
-from .associative_scan import associative_scan_gated_delta_rule
-from .config import ChunkConfig, PallasConfig
+from .associative_scan import associative_scan_gated_delta_rule, context_parallel_shard
+from .common import segment_starts
+from .config import DEFAULT_CHUNK_CONFIG, ChunkConfig, PallasConfig
 from .gates import InputTransforms, apply_input_transforms
 from .reference import sequential_gated_delta_rule
-from .sharding import ShardAxes, resolve_mesh, run_sharded
+from .sharding import ShardAxes, resolve_mesh, run_sharded, seq_split
 from .xla_chunked import chunked_gated_delta_rule
 
 
@@ -309,7 +313,25 @@ def gated_delta_rule(
     if shard_axes is None:
         o, final_state = run(**arrays)
     else:
-        B, _, H, _ = q.shape
-        o, final_state = run_sharded(run, arrays, mesh=mesh, shard_axes=shard_axes, B=B, H=H)
+        B, T, H, _ = q.shape
+        seq, n_seq = seq_split(mesh, shard_axes, T)
+        if seq:
+            chunk_config = config if isinstance(config, ChunkConfig) else DEFAULT_CHUNK_CONFIG
+
+            def run_cp(q, k, v, g, beta, initial_state, starts, A_log, dt_bias):
+                q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
+                S0 = (jnp.zeros((*k.shape[:1], *k.shape[2:], v.shape[-1]), f32) if initial_state is None
+                      else initial_state.astype(f32))
+                return context_parallel_shard(q.astype(f32), k.astype(f32), v.astype(f32), g, beta, starts, S0,
+                                              axis_name=seq[0] if len(seq) == 1 else seq, n_dev=n_seq, scale=scale,
+                                              config=chunk_config)
+
+            # restart flags on the whole sequence (before the split), so a restart at a shard boundary is seen
+            starts = (jnp.zeros((B, T), jnp.int32) if segment_ids is None
+                      else segment_starts(segment_ids).astype(jnp.int32))
+            cp_arrays = {**{n: x for n, x in arrays.items() if n != "segment_ids"}, "starts": starts}
+            o, final_state = run_sharded(run_cp, cp_arrays, mesh=mesh, shard_axes=shard_axes, B=B, H=H, seq=seq)
+        else:
+            o, final_state = run_sharded(run, arrays, mesh=mesh, shard_axes=shard_axes, B=B, H=H)
     o = o.astype(v.dtype)  # the single rounding to the caller's dtype
     return o, (final_state if output_final_state else None)

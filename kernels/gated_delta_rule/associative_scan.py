@@ -111,6 +111,34 @@ def associative_scan_gated_delta_rule(
     return _outputs(pieces, S_in, T), final
 
 
+def context_parallel_shard(q, k, v, g, beta, starts, S0, *, axis_name, n_dev: int, scale: float,
+                           config: ChunkConfig = DEFAULT_CHUNK_CONFIG, out_dtype=jnp.float32):
+    """One device's part of the context-parallel rule, called inside ``shard_map`` (module docstring).
+
+    q, k [B, T_loc, H, K], v [B, T_loc, H, V], g, beta [B, T_loc, H] (transforms already applied), starts
+    [B, T_loc] int restart flags (computed on the whole sequence), S0 [B, H, K, V] fp32 (the same on every
+    device of ``axis_name``): this device's slice of the sequence along ``axis_name`` (a mesh axis or a
+    tuple of them, ``n_dev`` devices in all; other mesh axes may split B and H). Returns (o [B, T_loc, H, V]
+    in ``out_dtype``, the final state fp32, the same on every device of ``axis_name``).
+    """
+    T_loc = q.shape[1]
+    pieces = chunk_pieces(q, k, v, g, beta, scale=scale, starts=starts, chunk_size=config.chunk_size)
+    M, c = chunk_maps(pieces)
+    pM, pc = jax.lax.associative_scan(compose, (M, c), axis=0)
+    total = (pM[-1], pc[-1])  # this device's whole slice as one map
+    all_M = jax.lax.all_gather(total[0], axis_name)  # [P, B, H, K, K]
+    all_c = jax.lax.all_gather(total[1], axis_name)
+    me = jax.lax.axis_index(axis_name)
+    S_entry, S_final = S0, S0
+    for p in range(n_dev):  # P is small: a Python loop of P map applications
+        S_next = apply_map((all_M[p], all_c[p]), S_entry)
+        S_entry = jnp.where(p < me, S_next, S_entry)
+        S_final = apply_map((all_M[p], all_c[p]), S_final)
+    S_out = apply_map((pM, pc), S_entry[None])
+    S_in = jnp.concatenate([S_entry[None], S_out[:-1]], axis=0)
+    return _outputs(pieces, S_in, T_loc).astype(out_dtype), S_final
+
+
 def context_parallel_gated_delta_rule(
     q,
     k,
@@ -157,22 +185,8 @@ def context_parallel_gated_delta_rule(
     starts = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_starts(segment_ids).astype(jnp.int32)
 
     def local(q, k, v, g, beta, starts, S0):
-        T_loc = q.shape[1]
-        pieces = chunk_pieces(q, k, v, g, beta, scale=scale, starts=starts, chunk_size=config.chunk_size)
-        M, c = chunk_maps(pieces)
-        pM, pc = jax.lax.associative_scan(compose, (M, c), axis=0)
-        total = (pM[-1], pc[-1])  # this device's whole slice as one map
-        all_M = jax.lax.all_gather(total[0], axis_name)  # [P, B, H, K, K]
-        all_c = jax.lax.all_gather(total[1], axis_name)
-        me = jax.lax.axis_index(axis_name)
-        S_entry, S_final = S0, S0
-        for p in range(n_dev):  # P is small: a Python loop of P map applications
-            S_next = apply_map((all_M[p], all_c[p]), S_entry)
-            S_entry = jnp.where(p < me, S_next, S_entry)
-            S_final = apply_map((all_M[p], all_c[p]), S_final)
-        S_out = apply_map((pM, pc), S_entry[None])
-        S_in = jnp.concatenate([S_entry[None], S_out[:-1]], axis=0)
-        return _outputs(pieces, S_in, T_loc).astype(out_dtype), S_final
+        return context_parallel_shard(q, k, v, g, beta, starts, S0, axis_name=axis_name, n_dev=n_dev,
+                                      scale=scale, config=config, out_dtype=out_dtype)
 
     seq = P(None, axis_name)
     if any("Explicit" in str(t) for t in getattr(mesh, "axis_types", ())):
