@@ -67,6 +67,7 @@ class ModelOptions:
     gdn_kernel: Any = None  # kernels.PallasConfig or None
     gdn_shard_axes: Any = None  # kernels.ShardAxes or None
     gdn_mesh: Any = None  # jax.sharding.Mesh or None (the context mesh)
+    attn_shardings: Any = None  # modules.AttentionShardings or None
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -109,7 +110,8 @@ class AttentionDecoderLayer(nnx.Module):
 
     def __init__(self, cfg: OlmoHybridConfig, opts: ModelOptions, *, rngs: nnx.Rngs):
         dt, pdt = opts.dtype, opts.param_dtype
-        self.self_attn = Attention(cfg, dtype=dt, param_dtype=pdt, implementation=opts.attention_impl, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dt, param_dtype=pdt, implementation=opts.attention_impl,
+                                   shardings=opts.attn_shardings, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
         self.mlp = MLP(cfg, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
@@ -260,14 +262,17 @@ class OlmoHybridForCausalLM(nnx.Module):
       gdn_shard_axes: a ``kernels.ShardAxes`` (mesh axes of the batch and the heads): the GDN op then runs
         itself per shard under ``shard_map`` (XLA cannot partition the kernel's custom call).
       gdn_mesh: the mesh of ``gdn_shard_axes`` (None: the context mesh).
+      attn_shardings: a ``modules.AttentionShardings``: where attention's q, k, v live while it runs
+        (context parallelism: Ulysses, heads instead of the sequence split over the context axis).
     """
 
     def __init__(self, config: OlmoHybridConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
                  gdn_backend: str = "auto", attention_impl: str = "auto", scan_layers: bool = False,
-                 remat: str = "none", gdn_kernel=None, gdn_shard_axes=None, gdn_mesh=None):
+                 remat: str = "none", gdn_kernel=None, gdn_shard_axes=None, gdn_mesh=None, attn_shardings=None):
         opts = ModelOptions(param_dtype=param_dtype, dtype=dtype, gdn_backend=gdn_backend,
                             attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
-                            gdn_kernel=gdn_kernel, gdn_shard_axes=gdn_shard_axes, gdn_mesh=gdn_mesh)
+                            gdn_kernel=gdn_kernel, gdn_shard_axes=gdn_shard_axes, gdn_mesh=gdn_mesh,
+                            attn_shardings=attn_shardings)
         self.config = config
         self.model = OlmoHybridModel(config, opts, rngs=rngs)
         self.options = dataclasses.replace(opts, scan_layers=self.model.scan_layers)

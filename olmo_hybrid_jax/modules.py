@@ -10,9 +10,11 @@ Dtypes: parameters are stored in ``param_dtype`` (fp32 master weights by default
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,12 +121,14 @@ class ShortConv(nnx.Module):
         dtype = self.dtype or x.dtype
         w = self.kernel[...].astype(dtype)
         x = x.astype(dtype)
-        left = jnp.zeros((B, Kc - 1, C), dtype) if cache is None else cache.astype(dtype)
-        xp = jnp.concatenate([left, x], axis=1)  # [B, T + Kc - 1, C]
+        # jnp.pad, not a concatenate with zeros: on a sequence split over devices (context parallelism)
+        # XLA's partitioner pads with a (Kc-1)-token halo from the previous shard; a concatenate reshards x
+        xp = jnp.pad(x, ((0, 0), (Kc - 1, 0), (0, 0))) if cache is None else jnp.concatenate(
+            [cache.astype(dtype), x], axis=1)  # [B, T + Kc - 1, C]
         if segment_ids is not None:
             if cache is not None:
                 raise ValueError("ShortConv: segment_ids and cache cannot be combined")
-            sp = jnp.concatenate([jnp.full((B, Kc - 1), -1, segment_ids.dtype), segment_ids], axis=1)
+            sp = jnp.pad(segment_ids, ((0, 0), (Kc - 1, 0)), constant_values=-1)
         acc = jnp.zeros((B, T, C), jnp.float32)
         for j in range(Kc):  # Kc is tiny (4): an unrolled sum of shifted products beats a conv op
             tap = xp[:, j:j + T, :]
@@ -252,17 +256,35 @@ def attention_over_cache(q: Array, k_cache: Array, v_cache: Array, mask: Array, 
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionShardings:
+    """Where the no-cache attention core runs, for context parallelism: q [B, T, nh, hd] and k/v
+    [B, T, nkv, hd] leave the projections in ``seq_q`` / ``seq_kv`` (the residual stream's sequence split),
+    are moved to ``q`` / ``kv`` for the core (Ulysses: heads split instead, one all-to-all each; or k/v
+    whole: all-gather CP), and o comes back from ``q`` to ``seq_q``. Both ends are pinned: with only the
+    inner one, XLA would push the heads split back into the projections (gathering x and the weights)."""
+
+    seq_q: Any
+    seq_kv: Any
+    q: Any
+    kv: Any
+
+
 class Attention(nnx.Module):
-    """Full causal attention with QK-norm over the whole projected width (OLMo 2/3), optional RoPE, GQA."""
+    """Full causal attention with QK-norm over the whole projected width (OLMo 2/3), optional RoPE, GQA.
+
+    ``shardings`` (an ``AttentionShardings``) constrains q, k, v and o of the no-cache path (training).
+    """
 
     def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, implementation: str = "auto",
-                 rngs: nnx.Rngs):
+                 shardings: AttentionShardings | None = None, rngs: nnx.Rngs):
         H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         std = cfg.initializer_range
         kw = dict(std=std, bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
         self.rope_theta = cfg.rope_theta
         self.implementation = implementation
+        self.shardings = shardings
         self.q_proj = dense(H, nh * hd, **kw)
         self.k_proj = dense(H, nkv * hd, **kw)
         self.v_proj = dense(H, nkv * hd, **kw)
@@ -308,8 +330,15 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, positions=positions)
         scale = self.head_dim ** -0.5
         if cache is None:
+            sh = self.shardings
+            wsc = jax.lax.with_sharding_constraint
+            if sh is not None:
+                q, k, v = wsc(q, sh.seq_q), wsc(k, sh.seq_kv), wsc(v, sh.seq_kv)
+                q, k, v = wsc(q, sh.q), wsc(k, sh.kv), wsc(v, sh.kv)
             o = causal_attention(q, k, v, scale=scale, segment_ids=segment_ids,
                                  key_mask=key_mask, implementation=self.implementation)
+            if sh is not None:
+                o = wsc(wsc(o, sh.q), sh.seq_q)
             return self.o_proj(o.reshape(B, T, -1))
         if segment_ids is not None:
             raise ValueError("Attention: segment_ids cannot be combined with a cache")
