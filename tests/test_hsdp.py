@@ -8,15 +8,14 @@ list layout, the scanned layout and gradient accumulation."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from hlo_helpers import collectives as _collectives
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,34 +36,6 @@ _COMPILE = textwrap.dedent("""
                                   "mesh": dict(tr.mesh.shape), "tokens": GB * L, "hidden": tr.mcfg.hidden_size}))
 """)
 
-_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
-_SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
-
-
-def _group_size(line: str) -> int | None:
-    """Devices per replica group of a collective's HLO line (None: a form this parser does not know)."""
-    if m := re.search(r"replica_groups=\{(\{[0-9,{}]*\})\}", line):
-        return max(len(g.split(",")) for g in re.findall(r"\{([0-9,]*)\}", m.group(1)))
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\].*?\{('[^}]*')\}", line):
-        sizes = dict((k, int(v)) for k, v in re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-        return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", m.group(2)))
-    if m := re.search(r"replica_groups=\[\d+,(\d+)\]<=", line):
-        return int(m.group(1))
-    return None
-
-
-def _collectives(hlo: str) -> list[tuple[str, int]]:
-    """(op, elements) of every array a collective of ``hlo`` moves between devices (tuple results: each
-    element); one-device groups move nothing (shard_map's transpose psums over a size-1 axis)."""
-    out = []
-    for line in hlo.splitlines():
-        m = _COLLECTIVE.search(line)
-        if m and _group_size(line) != 1:
-            out += [(m.group(2), math.prod(int(d) for d in dims.split(",") if d))
-                    for dims in _SHAPE.findall(m.group(1))]
-    return out
-
-
 def _compile(overrides):
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -84,7 +55,7 @@ def _compile(overrides):
 ], ids=["list", "scanned", "accum"])
 def test_hsdp_step_keeps_activations_on_their_batch_shard(extra):
     res, stderr = _compile(["mesh.data=2", "mesh.fsdp=2", "train.progress=false", *extra])
-    assert res["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert res["mesh"] == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1}
     assert res["scanned"] == ("model.overrides.num_hidden_layers=8" in extra)
     assert "Involuntary full rematerialization" not in stderr, stderr[-3000:]
     sizes = _collectives(res["hlo"])

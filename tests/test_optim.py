@@ -18,6 +18,17 @@ def test_schedule_warmup_and_cosine_floor():
     assert float(s(500)) == pytest.approx(0.1)
 
 
+def test_schedule_linear_warmup_and_decay_to_the_floor():
+    s = lr_schedule(1.0, 10, 110, 0.0, "linear")  # the long-context stage: warmup, then a straight line to 0
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(1.0)
+    assert float(s(35)) == pytest.approx(0.75) and float(s(60)) == pytest.approx(0.5)
+    assert float(s(110)) == 0.0 and float(s(500)) == 0.0
+    s = lr_schedule(2.0, 0, 100, 0.1, "linear")  # no warmup: the first step is at the peak
+    assert [float(s(i)) for i in (0, 50, 100)] == pytest.approx([2.0, 1.1, 0.2])
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
+        lr_schedule(1.0, 10, 110, kind="step")
+
+
 def test_weight_decay_mask():
     m = nnx.eval_shape(lambda: OlmoHybridForCausalLM(OlmoHybridConfig.preset("tiny"), rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(m))

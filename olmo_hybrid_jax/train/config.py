@@ -68,7 +68,8 @@ class OptimConfig:
     no_decay: tuple[str, ...] = ("embeddings",)  # groups without decay: embeddings, norms, gdn_gates, biases
     max_grad_norm: float = 1.0
     warmup_steps: int = 2000
-    decay_steps: int = 100_000           # cosine length (incl. warmup); independent of --steps on purpose
+    schedule: str = "cosine"             # cosine | linear: the decay after the linear warmup
+    decay_steps: int = 100_000           # schedule length (incl. warmup); independent of --steps on purpose
     alpha_f: float = 0.1                 # final lr = alpha_f * lr
     z_loss: float = 1e-5
     skip_sigma: float = 6.0              # skip a step whose loss or grad norm is > sigma std above the mean
@@ -80,6 +81,7 @@ class MeshConfig:
     data: int = 1                        # replicas (HSDP: params replicated over this axis)
     fsdp: int = -1                       # param/optimizer shards; -1 = all remaining devices
     tensor: int = 1                      # tensor parallel
+    context: int = 1                     # context parallel: each row's sequence split over this many devices
     rules: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # logical axis -> mesh axes overrides
 
 
@@ -281,7 +283,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     from olmo_hybrid_jax.model import REMAT_POLICIES
-    from olmo_hybrid_jax.train.optim import NO_DECAY_GROUPS
+    from olmo_hybrid_jax.train.optim import NO_DECAY_GROUPS, SCHEDULES
 
     req(cfg.model.remat in REMAT_POLICIES, f"model.remat={cfg.model.remat!r}; choose from {sorted(REMAT_POLICIES)}")
     gdn_kernel_config(cfg.model)
@@ -302,6 +304,7 @@ def validate(cfg: Config) -> None:
     req(cfg.optim.warmup_steps >= 0 and cfg.optim.decay_steps > cfg.optim.warmup_steps,
         f"need 0 <= optim.warmup_steps < optim.decay_steps, got {cfg.optim.warmup_steps}, {cfg.optim.decay_steps}")
     req(cfg.optim.skip_window >= 0, "optim.skip_window must be >= 0")
+    req(cfg.optim.schedule in SCHEDULES, f"optim.schedule={cfg.optim.schedule!r}; choose from {sorted(SCHEDULES)}")
     o = cfg.optim
     # NaN fails every comparison, so each check below also refuses `.nan`
     req(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
@@ -326,6 +329,11 @@ def validate(cfg: Config) -> None:
         req(v == -1 or v >= 1, f"mesh.{ax} must be >= 1 or -1, got {v}")
     req(sum(getattr(cfg.mesh, ax) == -1 for ax in ("data", "fsdp", "tensor")) <= 1,
         "at most one of mesh.data/fsdp/tensor may be -1")
+    cp = cfg.mesh.context
+    req(cp >= 1, f"mesh.context must be >= 1, got {cp}")
+    req(cfg.data.seq_len % cp == 0,
+        f"data.seq_len={cfg.data.seq_len} is not divisible by mesh.context={cp} "
+        "(context parallelism gives each of the mesh.context devices an equal slice of every row)")
     req(cfg.train.steps >= 0, "train.steps must be >= 0")
     req(cfg.train.loss_chunk >= 1, "train.loss_chunk must be >= 1")
     k = cfg.train.grad_accum_steps

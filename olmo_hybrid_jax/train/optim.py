@@ -1,4 +1,7 @@
-"""OLMo-core's optimizer in optax: AdamW + global-norm clipping + cosine-with-warmup + the skip-step guard.
+"""OLMo-core's optimizer in optax: AdamW + global-norm clipping + a warmup schedule + the skip-step guard.
+
+Schedules (``optim.schedule``): ``cosine`` (OLMo-core ``CosWithWarmup``, pretraining) and ``linear``
+(``LinearWithWarmup``: the midtraining and long-context stages decay linearly to ``alpha_f * lr``).
 
 ``skip_step_adamw`` is one ``optax.GradientTransformationExtraArgs``; call
 ``tx.update(grads, state, params, loss=loss)``. Per step:
@@ -49,10 +52,21 @@ def decay_mask(params, no_decay=("embeddings",)):
     return jax.tree_util.tree_map_with_path(lambda p, _: not any(r.search(path_str(p)) for r in pats), params)
 
 
-def lr_schedule(lr: float, warmup_steps: int, decay_steps: int, alpha_f: float = 0.1) -> optax.Schedule:
-    """OLMo-core ``CosWithWarmup``: linear 0 -> lr over warmup, cosine down to alpha_f * lr at decay_steps."""
-    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-                                              decay_steps=decay_steps, end_value=alpha_f * lr)
+SCHEDULES = ("cosine", "linear")
+
+
+def lr_schedule(lr: float, warmup_steps: int, decay_steps: int, alpha_f: float = 0.1,
+                kind: str = "cosine") -> optax.Schedule:
+    """Linear 0 -> lr over warmup, then down to alpha_f * lr at decay_steps (held there after): a cosine
+    (OLMo-core ``CosWithWarmup``) or a straight line (``LinearWithWarmup``)."""
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+                                                  decay_steps=decay_steps, end_value=alpha_f * lr)
+    if kind != "linear":
+        raise ValueError(f"unknown lr schedule {kind!r}; choose from {SCHEDULES}")
+    warm = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))  # optax's cosine form also warms from 0
+    decay = optax.linear_schedule(lr, alpha_f * lr, decay_steps - warmup_steps)
+    return optax.join_schedules([warm, decay], [warmup_steps]) if warmup_steps else decay
 
 
 def _global_norm(tree):
@@ -138,7 +152,7 @@ def skip_step_adamw(schedule: Callable, *, b1=0.9, b2=0.95, eps=1e-8, weight_dec
 
 def make_optimizer(ocfg, params) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """The trainer's optimizer and its lr schedule from an ``OptimConfig``."""
-    schedule = lr_schedule(ocfg.lr, ocfg.warmup_steps, ocfg.decay_steps, ocfg.alpha_f)
+    schedule = lr_schedule(ocfg.lr, ocfg.warmup_steps, ocfg.decay_steps, ocfg.alpha_f, ocfg.schedule)
     tx = skip_step_adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay,
                          mask=decay_mask(params, ocfg.no_decay), max_grad_norm=ocfg.max_grad_norm,
                          sigma=ocfg.skip_sigma, window=ocfg.skip_window)

@@ -1,11 +1,16 @@
 """Device mesh, logical-axis rules, and the parameter-path -> logical-axes table.
 
-Mesh axes: ``data`` (replicas), ``fsdp`` (parameter / optimizer-state shards) and ``tensor``.
+Mesh axes: ``data`` (replicas), ``fsdp`` (parameter / optimizer-state shards), ``context`` (the sequence
+of every activation; context parallelism) and ``tensor``.
 The model modules carry no annotations: ``param_logical_axes`` derives each parameter's logical axes
 from its path (one regex table, ``PARAM_AXES``), and ``RULES`` maps logical names to mesh axes.
 HSDP is a rule choice, not a code path: parameters map ``embed`` to ``fsdp`` only, so they are
 sharded within a replica group and replicated over ``data``; activations map ``batch`` to
 ``(data, fsdp)``. ``mesh.data=1`` gives plain FSDP, ``mesh.fsdp=1`` plain data parallelism.
+Context parallelism is the rule ``seq -> context``; parameters are sharded over ``(fsdp, context)``
+(OLMo-core's FSDP over the whole non-replica mesh): the context ranks hold different tokens of the same
+rows, so they reduce-scatter gradients like FSDP ranks instead of all-reducing replicated copies.
+Full attention moves that split from the sequence to the heads and back (Ulysses, ``attention_shardings``).
 
 A dimension whose size does not divide its mesh axes falls back to replication (e.g. the 30 GDN
 heads of ``a_proj`` on 4 tensor shards), and a mesh axis is used at most once per array.
@@ -24,13 +29,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 #: logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: dict[str, Any] = {
     # parameters
     "vocab": "tensor",
-    "embed": "fsdp",         # ZeRO-3 style: the hidden dim of every matrix is sharded over fsdp
+    "embed": ("fsdp", "context"),  # ZeRO-3 style: the hidden dim of every matrix is sharded over fsdp x context
     "heads": "tensor",       # projected q/k/v/g widths, conv channels, o_proj input
     "mlp": "tensor",
     "layers": None,          # the stacked-block axis of the scanned model
@@ -39,7 +44,7 @@ RULES: dict[str, Any] = {
     "gate_heads": None,      # a_proj / b_proj outputs, A_log, dt_bias (tiny)
     # activations
     "batch": ("data", "fsdp"),
-    "seq": None,
+    "seq": "context",        # context parallelism: every activation's sequence is split over context
     "act_embed": None,
     "act_vocab": "tensor",
 }
@@ -144,25 +149,53 @@ def activation_sharding(mesh: Mesh, rules: Mapping, axes=("batch", "seq", "act_e
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of all hosts); one size may be -1 (= the rest)."""
+def attention_shardings(mesh: Mesh, rules: Mapping, *, batch: int, seq: int, num_heads: int, num_kv_heads: int,
+                        head_dim: int):
+    """``modules.AttentionShardings`` for context parallelism, None when the sequence is not split.
+
+    Ulysses when both head counts divide the mesh axes of "seq": q, k, v move their split from the sequence
+    to the heads ("attn_heads") and attention runs on whole sequences (any kernel, cuDNN included); else
+    all-gather CP: q keeps the sequence split and k, v are gathered whole.
+    """
+    from olmo_hybrid_jax.modules import AttentionShardings
+
+    seq_axes = tuple(a for a in rule_axes(rules, "seq") if mesh.shape.get(a, 1) > 1)
+    n = math.prod(mesh.shape[a] for a in seq_axes)
+    if not seq_axes or seq % n:
+        return None
+    ulysses = num_heads % n == 0 and num_kv_heads % n == 0
+    inner = {**rules, "attn_heads": seq_axes if ulysses else None}
+
+    def spec(axes, heads, rules):
+        return NamedSharding(mesh, logical_to_spec(axes, (batch, seq, heads, head_dim), mesh, rules))
+
+    split = ("batch", "seq", None, None)
+    return AttentionShardings(
+        seq_q=spec(split, num_heads, rules), seq_kv=spec(split, num_kv_heads, rules),
+        q=spec(("batch", None, "attn_heads", None) if ulysses else split, num_heads, inner),
+        kv=spec(("batch", None, "attn_heads", None), num_kv_heads, inner))
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, context: int = 1) -> Mesh:
+    """A (data, fsdp, context, tensor) mesh over all devices (of all hosts); one size may be -1 (= the rest)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, context, tensor]
     if sizes.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"{n} devices do not divide into mesh data={data} fsdp={fsdp} tensor={tensor}")
+            raise ValueError(f"{n} devices do not divide into mesh data={data} fsdp={fsdp} context={context} "
+                             f"tensor={tensor}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices "
-                         f"(set one of mesh.data/fsdp/tensor to -1 to fill)")
+        raise ValueError(f"mesh data*fsdp*context*tensor = {math.prod(sizes)} but there are {n} devices "
+                         f"(set one of mesh.data/fsdp/context/tensor to -1 to fill)")
     if len({d.process_index for d in devices}) > 1:
         # several hosts: host-major order, so with fsdp * tensor = devices per host the data (replica)
         # axis runs across hosts (slow links carry only the gradient all-reduce of HSDP) and
-        # fsdp / tensor stay inside a host (NVLink)
+        # fsdp / context / tensor stay inside a host (NVLink)
         arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(sizes)
     else:
         try:  # topology-aware order on one host (tensor innermost, on the fastest links)
