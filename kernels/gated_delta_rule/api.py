@@ -66,7 +66,6 @@ import numpy as np
 
 from . import pallas_gpu
 from .associative_scan import associative_scan_gated_delta_rule, context_parallel_shard
-from .common import segment_starts
 from .config import DEFAULT_CHUNK_CONFIG, ChunkConfig, PallasConfig
 from .gates import InputTransforms, apply_input_transforms
 from .reference import sequential_gated_delta_rule
@@ -326,9 +325,11 @@ def gated_delta_rule(
                                               axis_name=seq[0] if len(seq) == 1 else seq, n_dev=n_seq, scale=scale,
                                               config=chunk_config)
 
-            # restart flags on the whole sequence (before the split), so a restart at a shard boundary is seen
+            # restart flags on the whole sequence (before the split), so a restart at a shard boundary is seen;
+            # segment_starts' neighbour compare as a pad, which XLA partitions with a one-token halo
+            prev = None if segment_ids is None else jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :T]
             starts = (jnp.zeros((B, T), jnp.int32) if segment_ids is None
-                      else segment_starts(segment_ids).astype(jnp.int32))
+                      else ((segment_ids != prev) & (jnp.arange(T) > 0)).astype(jnp.int32))
             cp_arrays = {**{n: x for n, x in arrays.items() if n != "segment_ids"}, "starts": starts}
             o, final_state = run_sharded(run_cp, cp_arrays, mesh=mesh, shard_axes=shard_axes, B=B, H=H, seq=seq)
         else:
