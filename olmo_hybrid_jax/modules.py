@@ -262,12 +262,15 @@ class AttentionShardings:
     [B, T, nkv, hd] leave the projections in ``seq_q`` / ``seq_kv`` (the residual stream's sequence split),
     are moved to ``q`` / ``kv`` for the core (Ulysses: heads split instead, one all-to-all each; or k/v
     whole: all-gather CP), and o comes back from ``q`` to ``seq_q``. Both ends are pinned: with only the
-    inner one, XLA would push the heads split back into the projections (gathering x and the weights)."""
+    inner one, XLA would push the heads split back into the projections (gathering x and the weights).
+    ``ids`` holds segment ids [B, T] whole along T: the [B, T, T] document mask is built from them on each
+    device (built from split ids, XLA would move the mask)."""
 
     seq_q: Any
     seq_kv: Any
     q: Any
     kv: Any
+    ids: Any
 
 
 class Attention(nnx.Module):
@@ -335,6 +338,7 @@ class Attention(nnx.Module):
             if sh is not None:
                 q, k, v = wsc(q, sh.seq_q), wsc(k, sh.seq_kv), wsc(v, sh.seq_kv)
                 q, k, v = wsc(q, sh.q), wsc(k, sh.kv), wsc(v, sh.kv)
+                segment_ids = None if segment_ids is None else wsc(segment_ids, sh.ids)
             o = causal_attention(q, k, v, scale=scale, segment_ids=segment_ids,
                                  key_mask=key_mask, implementation=self.implementation)
             if sh is not None:

@@ -173,7 +173,8 @@ def attention_shardings(mesh: Mesh, rules: Mapping, *, batch: int, seq: int, num
     return AttentionShardings(
         seq_q=spec(split, num_heads, rules), seq_kv=spec(split, num_kv_heads, rules),
         q=spec(("batch", None, "attn_heads", None) if ulysses else split, num_heads, inner),
-        kv=spec(("batch", None, "attn_heads", None), num_kv_heads, inner))
+        kv=spec(("batch", None, "attn_heads", None), num_kv_heads, inner),
+        ids=NamedSharding(mesh, logical_to_spec(("batch", None), (batch, seq), mesh, rules)))
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, context: int = 1) -> Mesh:
