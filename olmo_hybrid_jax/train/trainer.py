@@ -98,15 +98,17 @@ def model_kwargs(cfg: Config) -> dict:
 
 def gdn_sharding(cfg: Config, mesh, rules) -> dict:
     """The GDN op's per-shard options (``model.shard_gdn`` on more than one device): batch over the mesh axes
-    of the rules' "batch", heads over those of "heads". XLA cannot partition the kernel's custom call (it
-    would gather the whole batch onto every device), so the op runs itself under shard_map."""
+    of the rules' "batch", heads over those of "heads", the sequence over those of "seq" (context parallelism:
+    the op's context-parallel form). XLA cannot partition the kernel's custom call (it would gather the whole
+    batch onto every device), so the op runs itself under shard_map."""
     if not cfg.model.shard_gdn or mesh.size == 1:
         return {}
     from olmo_hybrid_jax.kernels import ShardAxes
 
     batch = shd.rule_axes(rules, "batch")
-    heads = tuple(a for a in shd.rule_axes(rules, "heads") if a not in batch)  # a mesh axis splits one dim
-    return dict(gdn_shard_axes=ShardAxes(batch=batch, heads=heads), gdn_mesh=mesh)
+    seq = tuple(a for a in shd.rule_axes(rules, "seq") if a not in batch)
+    heads = tuple(a for a in shd.rule_axes(rules, "heads") if a not in batch + seq)  # a mesh axis splits one dim
+    return dict(gdn_shard_axes=ShardAxes(batch=batch, heads=heads, seq=seq), gdn_mesh=mesh)
 
 
 def load_init_params(cfg: Config, mcfg: OlmoHybridConfig, scanned: bool) -> dict:
@@ -149,7 +151,8 @@ class Trainer:
         validate(cfg)  # load_config did, but a Config may be built or replaced by hand
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir is not None else None
-        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
+                                  context=cfg.mesh.context)
         self.rules = shd.merged_rules(cfg.mesh.rules)
         self.mcfg = model_config(cfg)
         dc = cfg.data
@@ -164,7 +167,10 @@ class Trainer:
                               f"(data.global_batch_size={dc.global_batch_size} / {accum}), not divisible by the "
                               f"{ndata} data-parallel shards (mesh data x fsdp)")
         self.eos_id = dc.eos_token_id if dc.eos_token_id is not None else self._model_eos()
-        self.kw = {**model_kwargs(cfg), **gdn_sharding(cfg, self.mesh, self.rules)}
+        mc = self.mcfg
+        attn = shd.attention_shardings(self.mesh, self.rules, batch=mb, seq=dc.seq_len, head_dim=mc.head_dim,
+                                       num_heads=mc.num_attention_heads, num_kv_heads=mc.num_key_value_heads)
+        self.kw = {**model_kwargs(cfg), **gdn_sharding(cfg, self.mesh, self.rules), "attn_shardings": attn}
         abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(0), **self.kw))
         self.scanned = abstract.scan_layers
         self.graphdef, abstract_state = nnx.split(abstract)
@@ -227,7 +233,7 @@ class Trainer:
     def targets(tokens):
         """Next-token labels [B, T] and the loss mask [B, T] (every position but a row's last)."""
         B, T = tokens.shape
-        labels = jnp.concatenate([tokens[:, 1:], jnp.zeros((B, 1), tokens.dtype)], axis=1)
+        labels = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # pad: a 1-token halo under context parallelism
         mask = jnp.broadcast_to(jnp.arange(T) < T - 1, (B, T))
         return labels, mask
 
