@@ -35,7 +35,7 @@ LL = [("The cat", " sat"), ("The cat", " ran away"), ("The cat", " the"),  # one
       ("", "hello there"),  # empty context: the prefix token (EOS here) conditions
       (LONG, " and the dog"), (LONG, " a"),  # longer than max_length: left truncation
       ("Q: what is the answer? A:", " yes")]
-ROLLING = ["the quick brown fox", "hi", "a"]  # each fits in max_length: HF's windows are exact too
+ROLLING = ["the fox", "hi", "a"]  # each fits in max_length: HF's windows are exact too
 GEN = [("The cat", {"until": ["\n"], "max_gen_toks": 10}), ("Once upon a", {"until": [], "max_gen_toks": 10}),
        (LONG, {"max_gen_toks": 8, "do_sample": False}),
        ("Q:", {"until": ["\n\n"], "max_gen_toks": 6, "temperature": 0})]
@@ -100,6 +100,8 @@ def test_loglikelihood_matches_hflm(ours, hflm, ckpt):
 def test_loglikelihood_rolling(ours, hflm, ckpt):
     theirs = hflm.loglikelihood_rolling(_inst("loglikelihood_rolling", ROLLING))
     np.testing.assert_allclose(ours.loglikelihood_rolling(_inst("loglikelihood_rolling", ROLLING)), theirs, atol=1e-4)
+    if ours.batch_size != 4:  # one long-document program is enough
+        return
     # longer than max_length: the exact whole-document log-likelihood (HF restarts each window instead)
     ids = [EOS] + ours.tok_encode(LONG)
     assert len(ids) > MAX_LEN + 1
@@ -156,9 +158,10 @@ metric_list:
 
 def test_local_task_matches_hflm(hflm, ckpt, task_dir, tmp_path):
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(task_dir))
+    from olmo_hybrid_jax.eval.__main__ import task_manager
+
+    tm = task_manager((str(task_dir),))  # the one the CLI uses: lm-eval indexes its thousands of YAMLs once
     want = lm_eval.simple_evaluate(model=hflm, tasks=["tiny_mc"], task_manager=tm, log_samples=False)["results"]
     for bs in (1, 4):
         out = tmp_path / f"res{bs}.json"
@@ -178,11 +181,11 @@ def test_ppl_equals_transformers_loss(ckpt, tmp_path):
     from transformers import AutoTokenizer
 
     hf, path = ckpt
-    docs = _docs(np.random.default_rng(1), [5, 40, 12])  # 40 > max_length 16: windows with the state carried
+    docs = _docs(np.random.default_rng(1), [5, 40, 12, 7, 3])  # 40 > max_length 32: windows, the state carried
     f = tmp_path / "docs.npy"
     np.save(f, np.concatenate(docs).astype(np.uint16))
     out = tmp_path / "ppl.json"
-    assert eval_cli(["ppl", "--checkpoint", str(path), "--max-length", "16", "--batch-size", "2", "--quiet",
+    assert eval_cli(["ppl", "--checkpoint", str(path), "--max-length", "32", "--batch-size", "4", "--quiet",
                      "--output", str(out), str(f)]) == 0
     res = json.loads(out.read_text())["total"]
     ces = []
@@ -191,7 +194,7 @@ def test_ppl_equals_transformers_loss(ckpt, tmp_path):
             logits = hf(torch.tensor([[EOS] + d[:-1]])).logits[0].double()
             ces.append(torch.nn.functional.cross_entropy(logits, torch.tensor(d), reduction="none"))
     ces = torch.cat(ces)
-    assert res["tokens"] == len(ces) and res["documents"] == 3
+    assert res["tokens"] == len(ces) and res["documents"] == 5
     assert abs(res["perplexity"] / math.exp(float(ces.mean())) - 1) < 1e-5
     tok = AutoTokenizer.from_pretrained(str(path))
     nbytes = sum(len(tok.decode(d, skip_special_tokens=True).encode()) for d in docs)
@@ -199,9 +202,10 @@ def test_ppl_equals_transformers_loss(ckpt, tmp_path):
     assert abs(res["bits_per_byte"] - float(ces.sum()) / math.log(2) / nbytes) < 1e-4
 
     # text input: the documents tokenized as `train.data tokenize` would, then scored the same way
-    texts = ["the cat sat on the mat", "a dog"]
+    texts = ["the cat", "a dog"]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    assert eval_cli(["ppl", "--checkpoint", str(path), "--max-length", "16", "--quiet", "--output", str(out),
+    assert eval_cli(["ppl", "--checkpoint", str(path), "--max-length", "32", "--batch-size", "4", "--quiet",
+                     "--output", str(out),
                      str(tmp_path / "docs.jsonl")]) == 0
     res = json.loads(out.read_text())["total"]
     assert res["bytes"] == sum(len(t) for t in texts)

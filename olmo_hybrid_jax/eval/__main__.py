@@ -29,6 +29,7 @@ Bad input (a missing checkpoint or file, an unknown task, token ids >= the vocab
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -140,10 +141,17 @@ def _model_args(args) -> dict:
     return kw
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: tuple[str, ...] = ()):
+    """lm-eval's TaskManager (it indexes every task YAML it ships: seconds; kept for the process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) or None)
+
+
 def lm_eval_tasks(args) -> dict:
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise InputError("lm-eval is not installed: pip install 'olmo_hybrid_jax[eval]'") from e
     from olmo_hybrid_jax.eval.harness import OlmoHybridLM
@@ -153,7 +161,7 @@ def lm_eval_tasks(args) -> dict:
     for p in args.include_path or []:
         if not Path(p).is_dir():
             raise InputError(f"--include-path {p} is not a directory")
-    tm = TaskManager(include_path=args.include_path or None, verbosity="ERROR")
+    tm = task_manager(tuple(args.include_path or ()))
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown or not tasks:

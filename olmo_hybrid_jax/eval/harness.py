@@ -182,8 +182,9 @@ class OlmoHybridLM(TemplateLM):
                 special = self._batch_special_kwargs(args[chunk[0]][0])
                 rows = [self.tokenizer.encode(args[i][0], **special)[-max_ctx:] or [self.prefix_token_id]
                         for i in chunk]
-                P = bucket(max(len(r) for r in rows), MIN_PREFIX)
-                N = bucket(max_gen)  # decoded, then cut to max_gen: one decode program for nearby budgets
+                # one pad at least: generate drops an all-ones mask, which would be another prefill program
+                P = bucket(max(len(r) for r in rows) + 1, MIN_PREFIX)
+                N = bucket(max_gen, 16)  # decoded, then cut to max_gen: one decode program for nearby budgets
                 rows += [rows[0]] * (self.batch_size - len(rows))  # fixed batch shape: one compile
                 ids = np.array([[self.pad_token_id] * (P - len(r)) + r for r in rows], np.int32)
                 mask = np.array([[0] * (P - len(r)) + [1] * len(r) for r in rows], np.int32)

@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from olmo_hybrid_jax.generate import extend, prefill
+from olmo_hybrid_jax.generate import compute_dtype, extend, prefill_rows
 
 Array = jax.Array
 MIN_BUCKET = 8
@@ -72,9 +73,12 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
     if batch_size < 1 or window < 1:
         raise ValueError(f"batch_size and window must be >= 1, got {batch_size}, {window}")
     groups: dict[tuple, list[int]] = {}
+    vocab = model.config.vocab_size
     for i, (prefix, cont) in enumerate(requests):
         if len(prefix) < 1 or len(cont) < 1:
             raise ValueError(f"request {i}: prefix and continuation need at least one token each")
+        if not all(0 <= int(t) < vocab for t in (*prefix, *cont)):  # jitted calls would not check
+            raise ValueError(f"request {i} holds a token id outside the model's vocabulary [0, {vocab})")
         groups.setdefault(tuple(int(t) for t in prefix), []).append(i)
     keys = sorted(groups, key=lambda k: (-len(k), k))  # longest first: the first chunk shows the peak memory
     out: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -90,8 +94,10 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         mask = np.zeros((batch_size, P), np.int32)
         for gi, k in enumerate(_pad_rows(chunk, batch_size)):
             ids[gi, P - len(k):], mask[gi, P - len(k):] = k, 1
-        first, cache = prefill(model, ids, attention_mask=mask, max_len=bucket(P + max(ext_len, MIN_BUCKET)),
-                              logits_to_keep=1)
+        # prefill_rows rather than prefill: the mask stays an array even when no row is padded (one program)
+        first, cache = prefill_rows(*nnx.split(model), jnp.asarray(ids), jnp.asarray(mask), None, 0, logits_to_keep=1,
+                                    rows=batch_size, max_len=bucket(P + max(ext_len, MIN_BUCKET)),
+                                    cache_dtype=compute_dtype(model))
         for m0 in range(0, len(members), batch_size):
             sub = members[m0:m0 + batch_size]
             rows = jnp.asarray([gi for gi, _ in _pad_rows(sub, batch_size)], jnp.int32)
