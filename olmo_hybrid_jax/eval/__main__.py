@@ -67,7 +67,7 @@ def _load_documents(path: Path, tok, eos: int, args) -> tuple[list[np.ndarray], 
         raise InputError(str(e)) from e
     if tok is None:
         return docs, None
-    return docs, [len(tok.decode(d, skip_special_tokens=True).encode("utf-8")) for d in docs]
+    return docs, [tok.text_bytes(d) for d in docs]
 
 
 def _summary(nll: float, tokens: int, nbytes: int | None, docs: int) -> dict:

@@ -118,6 +118,13 @@ class TextTokenizer:
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
 
 
+    def text_bytes(self, ids) -> int:
+        """UTF-8 bytes of the text of ``ids`` (special tokens have none; byte level: one per byte id)."""
+        if self.tok is None:
+            return sum(1 for i in np.asarray(ids).tolist() if i < 256 and i != self.eos_token_id)
+        return len(self.decode(ids, skip_special_tokens=True).encode("utf-8"))
+
+
 def _clean_up_tokenization(s: str) -> str:
     """transformers' ``clean_up_tokenization`` (applied when tokenizer_config.json asks for it)."""
     for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
