@@ -5,9 +5,9 @@
 
 model_args: ``pretrained`` (an HF directory, an orbax model directory, or a training run directory,
 whose latest checkpoint or ``step=N``), ``tokenizer`` (a tokenizer.json or its folder; default the
-checkpoint's, else byte level), ``dtype``, ``batch_size``, ``max_length`` (default the config's
-``max_position_embeddings``, as lm-eval's ``hf``), ``max_gen_toks`` (256), ``add_bos_token``,
-``prefix_token_id``, ``seed`` (sampling).
+checkpoint's, else byte level), ``dtype`` ("auto": config.json's, as ``hf``; None: as stored),
+``batch_size``, ``max_length`` (default the config's ``max_position_embeddings``, as lm-eval's
+``hf``), ``max_gen_toks`` (256), ``add_bos_token``, ``prefix_token_id``, ``seed`` (sampling).
 
 Tokenization mirrors lm-eval's ``hf`` backend (``HFLM``) so the numbers are the same: ``TemplateLM``'s
 context/continuation split (trailing context spaces move to the continuation; the continuation is
@@ -55,7 +55,7 @@ class _Stop(Exception):
 class OlmoHybridLM(TemplateLM):
     """lm-eval ``LM`` on this project's model and caches; see the module docstring."""
 
-    def __init__(self, pretrained: str, tokenizer: str | None = None, step: int | None = None, dtype=None,
+    def __init__(self, pretrained: str, tokenizer: str | None = None, step: int | None = None, dtype="auto",
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 1234,
                  device: str | None = None, max_batch_size: int | None = None):
@@ -67,7 +67,7 @@ class OlmoHybridLM(TemplateLM):
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         kind = checkpoint_kind(pretrained)
-        self.model = load_model(pretrained, step=step, dtype=None if dtype in (None, "auto") else dtype)
+        self.model = load_model(pretrained, step=step, dtype=dtype)
         cfg = self.model.config
         if tokenizer is None and kind != "run":
             tokenizer = pretrained if (Path(pretrained) / "tokenizer.json").is_file() else None

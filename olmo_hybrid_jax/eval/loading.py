@@ -31,16 +31,19 @@ def checkpoint_kind(path: str | Path) -> str:
 def load_model(path: str | Path, *, step: int | None = None, dtype=None):
     """The ``OlmoHybridForCausalLM`` in ``path``: HF safetensors, orbax, or a training run (latest or ``step``).
 
-    ``dtype`` (None: as stored) is the parameter dtype; a run's fp32 master weights are cast to it.
+    ``dtype`` is the parameter dtype: None keeps the stored dtypes, "auto" casts to config.json's dtype
+    (transformers' and lm-eval's hf default; a run: its fp32 master weights), else a run's fp32 master
+    weights are cast to it too.
     """
     from olmo_hybrid_jax.generate import load_checkpoint
 
     kind = checkpoint_kind(path)
-    dtype = canonical_dtype(dtype)
+    auto = isinstance(dtype, str) and dtype == "auto"
+    dtype = None if auto else canonical_dtype(dtype)
     if kind != "run":
         if step is not None:
             raise ValueError(f"step={step} needs a training run directory; {path} is an {kind} checkpoint")
-        return load_checkpoint(path, dtype=dtype)
+        return load_checkpoint(path, dtype="auto" if auto else dtype)
     from olmo_hybrid_jax.train.export import load_run_model
 
     model = load_run_model(path, step=step, **({"param_dtype": dtype} if dtype is not None else {}))
