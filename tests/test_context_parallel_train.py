@@ -177,7 +177,7 @@ def test_long_context_recipe_loads():
     from olmo_hybrid_jax.train.optim import lr_schedule
     from olmo_hybrid_jax.train.trainer import model_config
 
-    cfg = load_config(CONFIG_DIR / "long_context_64k.yaml")
+    cfg = load_config(CONFIG_DIR / "7b_long_context.yaml")
     assert (cfg.data.seq_len, cfg.data.global_batch_size, cfg.mesh.context) == (65536, 64, 2)
     assert cfg.data.seq_len * cfg.data.global_batch_size == 4 * 1024 * 1024
     o = cfg.optim
