@@ -36,6 +36,8 @@ CASES = {  # name -> (devices, overrides)
     # the long-context recipe's form: Ulysses attention, packed documents, FSDP, the scanned layout
     "cp2_fsdp2_docs_scanned": (4, ["mesh.context=2", "data.document_aware=true",
                                    "model.overrides.num_hidden_layers=8"]),
+    # four sequence shards of 32 tokens: documents and conv halos cross three boundaries a row
+    "cp4_docs": (4, ["mesh.context=4", "data.document_aware=true"]),
 }
 HLO_CASE = "cp2_fsdp2_docs_scanned"
 
@@ -136,7 +138,7 @@ def test_gdn_op_splits_the_sequence_with_batch_and_heads(results):
 @pytest.mark.parametrize("name", list(CASES))
 def test_context_parallel_steps_equal_the_single_device_steps(results, name):
     res = results[0][name]
-    ctx = {"data": 1, "fsdp": 1, "context": 2, "tensor": 1}
+    ctx = {"data": 1, "fsdp": 1, "context": 4 if name.startswith("cp4") else 2, "tensor": 1}
     assert res["mesh"] == {**ctx, **({"fsdp": 2} if "fsdp2" in name else {})}
     for got, ref in zip(res["got"], res["ref"]):
         assert got["skipped"] == ref["skipped"] == 0
