@@ -21,7 +21,8 @@ Exit codes:
 
     0    done (or nothing to do: the checkpoint is already at train.steps)
     1    an unexpected error (a Python traceback)
-    2    bad input: config, data or arguments; a checkpoint or model.init_from that does not fit the
+    2    bad input: config, data (eval.paths too) or arguments; a train.loggers package not installed (the
+         message names the extra to install); a checkpoint or model.init_from that does not fit the
          configured model; a run folder with checkpoints but no --resume; --resume=require without one
     3    training diverged: 8 steps in a row (trainer.MAX_BAD_STEPS) had a non-finite loss or were
          skipped; nothing newer than the last good checkpoint was saved

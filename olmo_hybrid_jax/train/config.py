@@ -93,6 +93,17 @@ class TrainLoopConfig:
     grad_accum_steps: int = 1            # microbatches per optimizer step (data.global_batch_size split)
     peak_flops_per_device: float | None = None  # override of the device-kind table (MFU)
     progress: bool = True                # tqdm progress bar
+    loggers: tuple[str, ...] = ("jsonl",)  # jsonl (OUT/metrics.jsonl) | tensorboard (OUT/tensorboard/) | wandb
+    wandb_project: str = "olmo-hybrid-jax"
+    wandb_name: str | None = None        # None: the run folder's name
+    wandb_mode: str | None = None        # online | offline | disabled; None: $WANDB_MODE, else online
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0                       # evaluate every N steps (0: never)
+    paths: tuple[str, ...] = ()          # held-out token files (data.paths' formats, data.token_dtype)
+    batches: int | None = 8              # batches of one training microbatch each; None: every whole one in paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +121,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -342,6 +354,19 @@ def validate(cfg: Config) -> None:
         f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by train.grad_accum_steps={k} "
         "(each optimizer step splits the global batch into that many equal microbatches)")
     req(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+    from olmo_hybrid_jax.train.metrics import LOGGERS
+
+    for name in cfg.train.loggers:
+        req(name in LOGGERS, f"train.loggers: unknown logger {name!r}{_suggest(name, LOGGERS)}")
+    lg = list(cfg.train.loggers)
+    req(len(set(lg)) == len(lg), f"train.loggers names a logger twice: {lg}")
+    wm = cfg.train.wandb_mode
+    req(wm in (None, "online", "offline", "disabled"), f"train.wandb_mode={wm!r}; choose online, offline or disabled")
+    e = cfg.eval
+    req(e.every >= 0, f"eval.every must be >= 0 (0: no evaluation), got {e.every}")
+    req(e.every == 0 or len(e.paths) > 0,
+        f"eval.every={e.every} but eval.paths is empty; name the held-out token files")
+    req(e.batches is None or e.batches >= 1, f"eval.batches must be >= 1 (or null: all of eval.paths), got {e.batches}")
 
 
 def gdn_kernel_config(m: ModelConfig):

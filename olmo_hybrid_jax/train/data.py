@@ -229,6 +229,31 @@ def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: in
     return local, rows
 
 
+def held_out_batches(paths, dcfg, eos_id: int, *, batch_size: int, batches: int | None, process_index: int = 0,
+                     process_count: int = 1, vocab_size: int | None = None, max_id_cache: Path | None = None):
+    """The fixed held-out set of in-loop evaluation: ({tokens, segment_ids, positions} each [batches, this host's
+    rows of a batch, seq_len], the ``PackedRows``). ``batches`` x ``batch_size`` rows evenly spaced over the files
+    (``batches`` None: every whole batch they hold), in file order, the same at every evaluation.
+    """
+    if batch_size % process_count:
+        raise DataError(f"eval batches of {batch_size} rows are not divisible by the {process_count} processes")
+    try:
+        rows = PackedRows(paths, dcfg.seq_len, eos_id, dcfg.token_dtype, vocab_size=vocab_size,
+                          max_id_cache=max_id_cache)
+    except DataError as e:
+        raise DataError(f"eval.paths: {e}") from e
+    have = len(rows) // batch_size
+    if have == 0 or (batches is not None and batches > have):
+        raise DataError(f"eval.paths hold {len(rows)} rows of data.seq_len={dcfg.seq_len}, not the "
+                        f"{batches or 1} batch(es) x {batch_size} rows eval.batches asks for (at most {have})")
+    nb = have if batches is None else batches
+    pick = np.arange(nb * batch_size) * len(rows) // (nb * batch_size)  # evenly spaced: every file is sampled
+    LB = batch_size // process_count
+    pick = pick.reshape(nb, process_count, LB)[:, process_index].reshape(-1)
+    got = [rows[i] for i in pick]
+    return {k: np.stack([r[k] for r in got]).reshape(nb, LB, dcfg.seq_len) for k in got[0]}, rows
+
+
 def make_iterator(dataset, dcfg):
     """A checkpointable iterator (``get_state`` / ``set_state``) with read threads and prefetch."""
     import grain

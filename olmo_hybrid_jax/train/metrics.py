@@ -1,8 +1,18 @@
-"""Per-step metrics: ``OUT/metrics.jsonl`` (one JSON object per step) and a tqdm progress bar.
+"""Per-step metrics: the loggers of ``train.loggers`` (one row per step each) and a tqdm progress bar.
 
-On resume from step s the file is first cut back to the rows with ``step <= s`` (rows an interrupted
-run wrote after its last checkpoint are dropped, they will be recomputed), so the file always holds
-exactly one row per step, in order. Only process 0 writes.
+- ``jsonl`` (default): ``OUT/metrics.jsonl``, one JSON object per step. On resume from step s the file is
+  first cut back to the rows with ``step <= s`` (rows an interrupted run wrote after its last checkpoint
+  are dropped, they will be recomputed), so the file always holds exactly one row per step, in order.
+- ``tensorboard``: event files in ``OUT/tensorboard/`` (tensorboardX, extra ``[tensorboard]``), one scalar
+  per numeric key of the row (tag = the key, e.g. ``loss``, ``eval/ppl``) at the row's step; a resumed
+  run's writer purges the steps after its checkpoint, so TensorBoard shows each step once too.
+- ``wandb``: one ``wandb.log(row, step=step)`` per row (extra ``[wandb]``); mode from ``train.wandb_mode``,
+  else ``$WANDB_MODE``, else online. A resumed run continues the W&B run whose id ``OUT/wandb_run_id``
+  keeps; W&B drops rows for steps it already has, so those an interrupted run logged after its last
+  checkpoint stay as first logged there.
+
+Steps with in-loop evaluation carry ``eval/loss``, ``eval/ppl``, ``eval/tokens`` and ``eval/time_s`` in
+the same row. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -42,11 +53,107 @@ def _clean(v):
     return v
 
 
+#: train.loggers' names -> (module imported, pip extra that installs it); jsonl needs nothing
+LOGGERS = {"jsonl": (None, None), "tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_loggers(names) -> None:
+    """Import each logger's package now (before any compile); ConfigError naming the extra when one is missing."""
+    import importlib
+
+    from olmo_hybrid_jax.train.config import ConfigError
+
+    for name in names:
+        module, extra = LOGGERS[name]
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"train.loggers has {name} but {module} does not import ({e}); "
+                              f"pip install 'olmo_hybrid_jax[{extra}]'") from e
+
+
+def open_loggers(cfg, out: Path, *, start_step: int, enabled: bool = True) -> Loggers:
+    """The loggers of ``cfg.train.loggers`` writing into the run folder ``out`` (none when not ``enabled``:
+    processes other than 0), continuing after ``start_step`` (rows after it are dropped or purged)."""
+    made = []
+    if enabled:
+        try:
+            for name in cfg.train.loggers:
+                if name == "jsonl":
+                    made.append(MetricsWriter(out / "metrics.jsonl"))
+                elif name == "tensorboard":
+                    made.append(TensorBoardLogger(out / "tensorboard", start_step=start_step))
+                else:
+                    made.append(WandbLogger(cfg, out))
+        except BaseException:
+            Loggers(made).close()
+            raise
+    return Loggers(made)
+
+
+class Loggers:
+    """Every configured logger as one: ``write`` hands each the same row."""
+
+    def __init__(self, loggers: list):
+        self.loggers = loggers
+
+    def write(self, row: dict) -> None:
+        for lg in self.loggers:
+            lg.write(row)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """The row's numeric values (bools as 0/1) but ``step``: what TensorBoard and W&B plot."""
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+
+
+class TensorBoardLogger:
+    def __init__(self, logdir: Path, *, start_step: int = 0):
+        from tensorboardX import SummaryWriter
+
+        # purge_step: TensorBoard hides the events of steps >= it from earlier files (an interrupted run's tail)
+        self._w = SummaryWriter(str(logdir), purge_step=start_step + 1 if start_step else None, flush_secs=30)
+
+    def write(self, row: dict) -> None:
+        for k, v in _scalars(row).items():
+            self._w.add_scalar(k, v, global_step=row["step"])
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class WandbLogger:
+    def __init__(self, cfg, out: Path):
+        import wandb
+
+        id_file = out / "wandb_run_id"
+        if not id_file.is_file():  # a resumed run continues the same W&B run
+            id_file.write_text(secrets.token_hex(4) + "\n")
+        run_id = id_file.read_text().strip()
+        t = cfg.train
+        self._run = wandb.init(project=t.wandb_project, name=t.wandb_name or out.resolve().name, id=run_id,
+                               resume="allow", dir=str(out), config=cfg.to_dict(),
+                               mode=t.wandb_mode or os.environ.get("WANDB_MODE") or "online")
+
+    def write(self, row: dict) -> None:
+        self._run.log(_scalars(row), step=row["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricsWriter:
-    def __init__(self, path: Path, *, enabled: bool = True):
+    """Appends rows to ``metrics.jsonl`` (the trainer cuts it back to the resumed step first)."""
+
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.enabled = enabled
-        self._f = open(self.path, "a") if enabled else None
+        self._f = open(self.path, "a")
 
     def write(self, row: dict) -> None:
         if self._f is None:

@@ -15,6 +15,14 @@ the parameters' shardings) and the loss terms. Each microbatch's CE and z sums a
 token count of the whole step (known from the mask before any forward), so the summed loss and
 gradient are those of one step on the whole batch; clipping, the skip-step guard and the logged
 metrics see the step's values. N = 1 is the plain step.
+
+In-loop evaluation (``eval.every`` = N > 0): after every N-th step, the mean cross-entropy of a fixed
+held-out set (``eval.paths``, ``eval.batches`` batches of one microbatch's shape, see
+``data.held_out_batches``) under the step's parameters: ``loss_fn`` with the sums kept (the same forward,
+document-aware or not, the same chunked CE; the z-loss term is left out of the reported loss), one jit
+with the step's shardings, compiled at the first evaluation. It reads the parameters only: the training
+rng, the data iterator and the step's losses are those of a run without it. Its time is kept out of the
+step's throughput; the values go into that step's metrics row (``eval/loss``, ``eval/ppl``, ...).
 """
 
 from __future__ import annotations
@@ -186,6 +194,7 @@ class Trainer:
         # activations live per microbatch (the whole batch when grad_accum_steps = 1)
         micro = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq"), (mb, dc.seq_len))
         self.micro_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *micro.spec))
+        self.eval_batch_sharding = micro  # a held-out batch has a microbatch's shape: the step's shardings fit it
         self.act_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq", "act_embed"),
                                                     (mb, dc.seq_len, self.mcfg.hidden_size))
         self.logits_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq", "act_vocab"),
@@ -198,6 +207,7 @@ class Trainer:
         self.device_kind = kind
         self.peak = peak_flops_per_device(kind, cfg.train.peak_flops_per_device)
         self._step_fn = None
+        self._eval_fn = None
 
     def _model_eos(self) -> int:
         eos = self.mcfg.eos_token_id
@@ -314,6 +324,39 @@ class Trainer:
                                     out_shardings=(self.state_sharding, rep), donate_argnums=0)
         return self._step_fn
 
+    def eval_step(self, params, batch):
+        """(sum of CE, number of targets) of one held-out batch: ``loss_fn``'s math, without the z-loss term."""
+        _, (ce_sum, _) = self.loss_fn(params, batch, count=1.0)
+        return ce_sum, token_count(self.targets(batch["tokens"])[1])
+
+    @property
+    def eval_fn(self):
+        if self._eval_fn is None:
+            rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            bs = {k: self.eval_batch_sharding for k in ("tokens", "segment_ids", "positions")}
+            self._eval_fn = jax.jit(self.eval_step, in_shardings=(self.state_sharding["params"], bs),
+                                    out_shardings=(rep, rep))
+        return self._eval_fn
+
+    def evaluate(self, params, held_out: dict) -> dict:
+        """``eval/loss`` (mean CE over every target of ``held_out``'s batches, see ``data.held_out_batches``),
+        ``eval/ppl`` = exp(loss), ``eval/tokens`` (targets scored) and ``eval/time_s``. Reads nothing of the
+        training state but ``params``: the training rng and data position are untouched."""
+        t0 = time.time()
+        nb = next(iter(held_out.values())).shape[0]
+        shape = (self.micro_batch_size, self.cfg.data.seq_len)
+        outs = [self.eval_fn(params, {k: jax.make_array_from_process_local_data(self.eval_batch_sharding, v[b], shape)
+                                      for k, v in held_out.items()})
+                for b in range(nb)]  # all dispatched before the first is read
+        got = jax.device_get(outs)
+        ce, n = math.fsum(float(c) for c, _ in got), math.fsum(float(k) for _, k in got)
+        loss = ce / n
+        try:
+            ppl = math.exp(loss)
+        except OverflowError:
+            ppl = math.inf
+        return {"eval/loss": loss, "eval/ppl": ppl, "eval/tokens": int(n), "eval/time_s": time.time() - t0}
+
     def device_batch(self, host_batch: dict) -> dict:
         """This host's rows -> global arrays sharded over (data, fsdp)."""
         GB, L = self.cfg.data.global_batch_size, self.cfg.data.seq_len
@@ -372,8 +415,8 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
     ``wall_s``.
     """
     from olmo_hybrid_jax.train.checkpoint import Checkpointer
-    from olmo_hybrid_jax.train.data import make_dataset, make_iterator
-    from olmo_hybrid_jax.train.metrics import MetricsWriter, Progress, truncate_metrics
+    from olmo_hybrid_jax.train.data import held_out_batches, make_dataset, make_iterator
+    from olmo_hybrid_jax.train.metrics import Progress, check_loggers, open_loggers, truncate_metrics
 
     mode = _resume_mode(resume)
     max_bad = MAX_BAD_STEPS if max_bad_steps is None else max_bad_steps
@@ -383,6 +426,7 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
     t_start = time.time()
     total = cfg.train.steps
     trainer = Trainer(cfg, out)  # config errors before anything is written
+    check_loggers(cfg.train.loggers)  # a missing logger package, before any compile
 
     def new_checkpointer():
         return Checkpointer(ck_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
@@ -423,6 +467,12 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
                                      process_count=jax.process_count(), vocab_size=trainer.mcfg.vocab_size,
                                      max_id_cache=(out / "data_max_token_ids.json") if is_main else None)
         data_iter = make_iterator(dataset, cfg.data)
+        held_out = None
+        if cfg.eval.every:
+            held_out, eval_rows = held_out_batches(
+                cfg.eval.paths, cfg.data, trainer.eos_id, batch_size=trainer.micro_batch_size,
+                batches=cfg.eval.batches, process_index=jax.process_index(), process_count=jax.process_count(),
+                vocab_size=trainer.mcfg.vocab_size, max_id_cache=(out / "data_max_token_ids.json") if is_main else None)
         mesh_desc = "x".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
         log(f"devices: {jax.device_count()} x {trainer.device_kind} ({jax.process_count()} process(es)); "
             f"mesh {mesh_desc}")
@@ -433,6 +483,11 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
                  if cfg.train.grad_accum_steps > 1 else "")
         log(f"data: {len(rows):,} rows x {cfg.data.seq_len} from {rows.num_tokens:,} tokens in {len(rows.paths)} "
             f"file(s); global batch {cfg.data.global_batch_size}{accum}; document_aware={cfg.data.document_aware}")
+        if held_out is not None:
+            nb = held_out["tokens"].shape[0]
+            log(f"eval: every {cfg.eval.every} steps, {nb} batch(es) x {trainer.micro_batch_size} rows x "
+                f"{cfg.data.seq_len} = {nb * trainer.micro_batch_size * cfg.data.seq_len:,} tokens of the "
+                f"{len(eval_rows):,} rows in {len(eval_rows.paths)} held-out file(s)")
 
         start_step = 0
         if latest is not None:
@@ -462,7 +517,11 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
             (out / "metrics.jsonl").unlink(missing_ok=True)
         else:
             truncate_metrics(out / "metrics.jsonl", start_step)
-    writer = MetricsWriter(out / "metrics.jsonl", enabled=is_main)
+    try:
+        writer = open_loggers(cfg, out, start_step=start_step, enabled=is_main)
+    except BaseException:
+        ckpt.close()
+        raise
     meta = _meta(trainer)
     bar = Progress(start_step, total, cfg.train.progress and is_main)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
@@ -475,7 +534,7 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
 
     def flush(pending, final=False) -> dict:
         nonlocal t_prev, last_row, last_finite
-        step, m = pending
+        step, m, evaluated = pending
         m = jax.device_get(m)
         now = time.time()
         dt = now - t_prev
@@ -485,7 +544,8 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
                "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                "skipped": bool(m["skipped"]), "tokens": step * tokens_per_step, "step_time_s": dt,
                "tokens_per_s": tps, "tokens_per_s_per_device": tps / ndev if tps else None,
-               "mfu": (tps * trainer.flops_per_token / (ndev * trainer.peak)) if (tps and trainer.peak) else None}
+               "mfu": (tps * trainer.flops_per_token / (ndev * trainer.peak)) if (tps and trainer.peak) else None,
+               **(evaluated or {})}
         writer.write(row)
         last_row = row
         if math.isfinite(row["loss"]):
@@ -516,7 +576,14 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
             stopping = signals.agreed()  # the same answer on every process at this step
             if pending is not None:
                 flush(pending)
-            pending = (step, metrics)
+            pending = (step, metrics, None)
+            if held_out is not None and step % cfg.eval.every == 0:
+                jax.block_until_ready(metrics)  # step `step` done: what follows is the evaluation's own time
+                evaluated = trainer.evaluate(state["params"], held_out)
+                t_prev += evaluated["eval/time_s"]  # kept out of the step's step_time_s / tokens_per_s / mfu
+                pending = (step, metrics, evaluated)
+                log(f"step {step}: eval loss {evaluated['eval/loss']:.4f}, ppl {evaluated['eval/ppl']:.4g} "
+                    f"({evaluated['eval/tokens']:,} tokens, {evaluated['eval/time_s']:.1f}s)")
             if step % cfg.checkpoint.every == 0 or step == total or save_due or stopping:
                 row = flush(pending, final=step == total or stopping is not None)  # logged before it is saved
                 pending = None
@@ -665,7 +732,9 @@ def _check_fits(trainer: Trainer, ck_dir: Path, step: int, meta: dict, saved: di
 
 
 _DRIFT_IGNORED = {("train", "steps"), ("train", "progress"), ("checkpoint", "every"), ("checkpoint", "keep"),
-                  ("checkpoint", "async_save"), ("data", "num_threads"), ("data", "prefetch")}
+                  ("checkpoint", "async_save"), ("data", "num_threads"), ("data", "prefetch"),
+                  ("train", "loggers"), ("train", "wandb_project"), ("train", "wandb_name"), ("train", "wandb_mode"),
+                  ("eval", "every"), ("eval", "paths"), ("eval", "batches")}  # evaluation never changes training
 
 
 def _config_diffs(saved: dict, cfg: Config) -> list[tuple[str, object, object]]:
