@@ -38,6 +38,8 @@ CASES = {  # name -> (devices, overrides)
                                    "model.overrides.num_hidden_layers=8"]),
     # four sequence shards of 32 tokens: documents and conv halos cross three boundaries a row
     "cp4_docs": (4, ["mesh.context=4", "data.document_aware=true"]),
+    # the Pallas kernels (interpret mode) run each shard from the state the maps hand it
+    "cp2_pallas_docs": (2, ["mesh.context=2", "data.document_aware=true", "model.gdn_backend=pallas"]),
 }
 HLO_CASE = "cp2_fsdp2_docs_scanned"
 
@@ -52,24 +54,30 @@ _SCRIPT = textwrap.dedent("""
     args = json.loads(sys.argv[1])
     out = {}
 
-    # --- the op: batch over fsdp, heads over tensor, sequence over context, against no sharding
+    # --- the op: batch over fsdp, heads over tensor, sequence over context, against no sharding; every
+    # backend (associative_scan in one pass; the others in two, the Pallas kernels in interpret mode)
     B, L, H, K, V = 2, 32, 4, 8, 12
-    ks = jax.random.split(jax.random.key(0), 7)
+    ks = jax.random.split(jax.random.key(0), 8)
     q, k = (jax.random.normal(x, (B, L, H, K)) for x in ks[:2])
     v = jax.random.normal(ks[2], (B, L, H, V))
     a, b = (jax.random.normal(x, (B, L, H)) for x in ks[3:5])
+    s0 = 0.3 * jax.random.normal(ks[7], (B, H, K, V))
     seg = jnp.asarray([[0] * 16 + [1] * 16, [0] * 11 + [1] * 21])  # row 0 restarts on the boundary
     kw = dict(segment_ids=seg, use_qk_l2norm_in_kernel=True, A_log=0.1 * jax.random.normal(ks[5], (H,)),
-              dt_bias=0.1 * jax.random.normal(ks[6], (H,)), beta_sigmoid=True, beta_scale=2.0)
-    def loss(*x, **extra):
-        o, _ = gated_delta_rule(*x, backend="sequential", **kw, **extra)
-        return jnp.sum(o * jnp.sin(o))
+              dt_bias=0.1 * jax.random.normal(ks[6], (H,)), beta_sigmoid=True, beta_scale=2.0,
+              output_final_state=True)
+    def loss(q, k, v, a, b, s0, backend="sequential", **extra):
+        o, s = gated_delta_rule(q, k, v, a, b, initial_state=s0, backend=backend, **kw, **extra)
+        return jnp.sum(o * jnp.sin(o)) + jnp.sum(s * jnp.cos(s))
     mesh = make_mesh(1, 1, 2, context=2)
     sa = ShardAxes(batch="fsdp", heads="tensor", seq="context")
-    ref = jax.value_and_grad(loss, argnums=range(5))(q, k, v, a, b)
-    got = jax.jit(jax.value_and_grad(lambda *x: loss(*x, shard_axes=sa, mesh=mesh), argnums=range(5)))(q, k, v, a, b)
-    out["op"] = [abs(float(got[0] - ref[0])) / abs(float(ref[0]))] + [
-        float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))) for x, y in zip(got[1], ref[1])]
+    ref = jax.value_and_grad(loss, argnums=range(6))(q, k, v, a, b, s0)
+    out["op"] = {}
+    for backend in ("sequential", "associative_scan", "chunked", "pallas"):
+        fn = lambda *x: loss(*x, backend=backend, shard_axes=sa, mesh=mesh)
+        got = jax.jit(jax.value_and_grad(fn, argnums=range(6)))(q, k, v, a, b, s0)
+        out["op"][backend] = [abs(float(got[0] - ref[0])) / abs(float(ref[0]))] + [
+            float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))) for x, y in zip(got[1], ref[1])]
 
     # --- training steps
     rng = np.random.default_rng(0)
@@ -129,9 +137,10 @@ def results():
 
 
 @pytest.mark.slow
-def test_gdn_op_splits_the_sequence_with_batch_and_heads(results):
-    errs = results[0]["op"]
-    assert max(errs) < 1e-5, errs  # loss, then the gradients of q, k, v, g, beta
+@pytest.mark.parametrize("backend", ["sequential", "associative_scan", "chunked", "pallas"])
+def test_gdn_op_splits_the_sequence_with_batch_and_heads(results, backend):
+    errs = results[0]["op"][backend]
+    assert max(errs) < 1e-5, errs  # loss (output and final state), then the gradients of q, k, v, g, beta, state
 
 
 @pytest.mark.slow

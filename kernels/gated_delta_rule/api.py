@@ -40,9 +40,12 @@ for "pallas", None = the tuned table ``config.TUNED_PALLAS_CONFIGS`` for this de
 Sharding: with ``shard_axes=ShardAxes(batch=(...), heads=(...))`` (mesh axis names) the resolved
 backend runs per shard inside ``jax.shard_map`` over ``mesh`` (or the context mesh), batch and heads
 split as named (``sharding.py``): the kernels' custom calls never meet XLA's partitioner. With
-``ShardAxes(seq=(...))`` naming axes of more than one device, the sequence is split over them too and
-the op runs the context-parallel associative-scan form (the one form that splits T; any ``backend``
-and a ``PallasConfig`` are then unused, a ``ChunkConfig`` sets its chunk size).
+``ShardAxes(seq=(...))`` naming axes of more than one device, the sequence is split over them too
+(context parallelism, ``associative_scan.py``). backend "associative_scan" then runs in one pass
+(per-chunk maps, their prefixes, the outputs); every other backend in two: the per-device total maps
+give each device the state entering its slice (an all-gather of the small maps), then the resolved
+backend (the Pallas kernels on GPU) runs the slice from that state. A ``ChunkConfig`` sets the maps'
+chunk size; a ``PallasConfig`` still launches the kernels.
 
 Backends: "sequential" (token-by-token oracle), "chunked" (WY form, lax.scan
 over chunks), "associative_scan" (WY form, associative scan over per-chunk
@@ -65,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import pallas_gpu
-from .associative_scan import associative_scan_gated_delta_rule, context_parallel_shard
+from .associative_scan import associative_scan_gated_delta_rule, context_parallel_shard, context_parallel_states
 from .config import DEFAULT_CHUNK_CONFIG, ChunkConfig, PallasConfig
 from .gates import InputTransforms, apply_input_transforms
 from .reference import sequential_gated_delta_rule
@@ -317,13 +320,22 @@ def gated_delta_rule(
         if seq:
             chunk_config = config if isinstance(config, ChunkConfig) else DEFAULT_CHUNK_CONFIG
 
+            axis = seq[0] if len(seq) == 1 else seq
+            one_pass = name == "associative_scan"
+
             def run_cp(q, k, v, g, beta, initial_state, starts, A_log, dt_bias):
-                q, k, g, beta = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
+                qt, kt, gt, bt = apply_input_transforms(q, k, g, beta, transforms=tr, A_log=A_log, dt_bias=dt_bias)
                 S0 = (jnp.zeros((*k.shape[:1], *k.shape[2:], v.shape[-1]), f32) if initial_state is None
                       else initial_state.astype(f32))
-                return context_parallel_shard(q.astype(f32), k.astype(f32), v.astype(f32), g, beta, starts, S0,
-                                              axis_name=seq[0] if len(seq) == 1 else seq, n_dev=n_seq, scale=scale,
-                                              config=chunk_config)
+                if one_pass:
+                    return context_parallel_shard(qt.astype(f32), kt.astype(f32), v.astype(f32), gt, bt, starts, S0,
+                                                  axis_name=axis, n_dev=n_seq, scale=scale, config=chunk_config)
+                # two passes: the slice-entry states from the maps, then the resolved backend runs the slice
+                S_entry, S_final = context_parallel_states(kt.astype(f32), v.astype(f32), gt, bt, starts, S0,
+                                                           axis_name=axis, n_dev=n_seq, config=chunk_config)
+                local_ids = None if segment_ids is None else jnp.cumsum(starts, axis=1)  # changes at the restarts
+                o, _ = run(q, k, v, g, beta, S_entry, local_ids, A_log, dt_bias)
+                return o, S_final
 
             # restart flags on the whole sequence (before the split), so a restart at a shard boundary is seen;
             # segment_starts' neighbour compare as a pad, which XLA partitions with a one-token halo

@@ -23,6 +23,11 @@ maps of the devices before it with the initial state to get its entry state,
 and the final state is every device's composition of all P maps (so it comes
 out replicated). Only the maps cross devices, never activations.
 
+The two-pass form (``context_parallel_states``, what ``gated_delta_rule`` runs for every backend but
+this one) reduces each device's chunk maps to its slice's total map (a pairwise tree, no prefixes),
+gets the entry state the same way, and hands the slice and that state to a single-device backend:
+the Pallas kernels keep their speed and only the maps are extra work.
+
 Segment restarts are inside the maps (a restart zeroes d_n and the rows of W
 past it), so they need no special case; the restart flags are computed on the
 whole sequence before it is split so that a restart at a device boundary is
@@ -111,6 +116,37 @@ def associative_scan_gated_delta_rule(
     return _outputs(pieces, S_in, T), final
 
 
+def total_map(M, c):
+    """The whole sequence of chunk maps [N, ...] as one map (chunk 0 applied first), by a pairwise tree.
+
+    log2(N) levels of batched compositions, N - 1 in all (an associative scan would form every prefix).
+    """
+    while M.shape[0] > 1:
+        if M.shape[0] % 2:  # an identity map pads an odd level
+            M = jnp.concatenate([M, jnp.broadcast_to(jnp.eye(M.shape[-1], dtype=M.dtype), M[:1].shape)])
+            c = jnp.concatenate([c, jnp.zeros_like(c[:1])])
+        M, c = compose((M[0::2], c[0::2]), (M[1::2], c[1::2]))
+    return M[0], c[0]
+
+
+def context_parallel_entry(total, S0, *, axis_name, n_dev: int):
+    """(the state entering this device's slice, the final state of the whole sequence), inside ``shard_map``.
+
+    total: this device's slice as one map (M [B, H, K, K], c [B, H, K, V]); S0 [B, H, K, V] fp32, the same on
+    every device of ``axis_name``. The P maps are all-gathered (P x (K^2 + K V) floats per head, never
+    activations); the final state is every device's composition of all of them, so it comes out replicated.
+    """
+    all_M = jax.lax.all_gather(total[0], axis_name)  # [P, B, H, K, K]
+    all_c = jax.lax.all_gather(total[1], axis_name)
+    me = jax.lax.axis_index(axis_name)
+    S_entry, S_final = S0, S0
+    for p in range(n_dev):  # P is small: a Python loop of P map applications
+        S_next = apply_map((all_M[p], all_c[p]), S_entry)
+        S_entry = jnp.where(p < me, S_next, S_entry)
+        S_final = apply_map((all_M[p], all_c[p]), S_final)
+    return S_entry, S_final
+
+
 def context_parallel_shard(q, k, v, g, beta, starts, S0, *, axis_name, n_dev: int, scale: float,
                            config: ChunkConfig = DEFAULT_CHUNK_CONFIG, out_dtype=jnp.float32):
     """One device's part of the context-parallel rule, called inside ``shard_map`` (module docstring).
@@ -125,18 +161,26 @@ def context_parallel_shard(q, k, v, g, beta, starts, S0, *, axis_name, n_dev: in
     pieces = chunk_pieces(q, k, v, g, beta, scale=scale, starts=starts, chunk_size=config.chunk_size)
     M, c = chunk_maps(pieces)
     pM, pc = jax.lax.associative_scan(compose, (M, c), axis=0)
-    total = (pM[-1], pc[-1])  # this device's whole slice as one map
-    all_M = jax.lax.all_gather(total[0], axis_name)  # [P, B, H, K, K]
-    all_c = jax.lax.all_gather(total[1], axis_name)
-    me = jax.lax.axis_index(axis_name)
-    S_entry, S_final = S0, S0
-    for p in range(n_dev):  # P is small: a Python loop of P map applications
-        S_next = apply_map((all_M[p], all_c[p]), S_entry)
-        S_entry = jnp.where(p < me, S_next, S_entry)
-        S_final = apply_map((all_M[p], all_c[p]), S_final)
+    S_entry, S_final = context_parallel_entry((pM[-1], pc[-1]), S0, axis_name=axis_name, n_dev=n_dev)
     S_out = apply_map((pM, pc), S_entry[None])
     S_in = jnp.concatenate([S_entry[None], S_out[:-1]], axis=0)
     return _outputs(pieces, S_in, T_loc).astype(out_dtype), S_final
+
+
+def context_parallel_states(k, v, g, beta, starts, S0, *, axis_name, n_dev: int,
+                            config: ChunkConfig = DEFAULT_CHUNK_CONFIG):
+    """The first pass of the two-pass context-parallel form, inside ``shard_map``: the state entering this
+    device's slice and the final state, so that any single-device backend (the Pallas kernels) then runs the
+    slice from that state.
+
+    Arguments as :func:`context_parallel_shard` (no q: only the maps are built; the output products are dead
+    code that XLA drops). A restart at the slice's first token zeroes the entry state here, since a backend
+    given the slice alone cannot see it. Returns (S_entry, S_final), fp32 [B, H, K, V].
+    """
+    pieces = chunk_pieces(k, k, v, g, beta, scale=1.0, starts=starts, chunk_size=config.chunk_size)
+    S_entry, S_final = context_parallel_entry(total_map(*chunk_maps(pieces)), S0, axis_name=axis_name, n_dev=n_dev)
+    S_entry = jnp.where(starts[:, 0, None, None, None] > 0, 0.0, S_entry)
+    return S_entry, S_final
 
 
 def context_parallel_gated_delta_rule(
