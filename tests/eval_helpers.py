@@ -4,12 +4,21 @@ The tokenizer is byte level (256 byte tokens) with a few merges (" t", "he", " t
 encoding of context + continuation is not the concatenation of the two encodings and lm-eval's
 context/continuation split is exercised; ``<|endoftext|>`` (EOS) and ``<|pad|>`` are special tokens.
 transformers' ``AutoTokenizer`` loads the folder (tokenizer.json + tokenizer_config.json).
+``mc_task_dir`` holds a local lm-eval multiple-choice task ``tiny_mc`` (8 questions, acc and acc_norm),
+one folder per process: lm-eval's TaskManager indexes its thousands of YAMLs for each include path
+(~10 s on 2 cores), and the CLI keeps one per path, so every test that shares the folder shares the index.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from hf_utils import release_checkpoint
 
@@ -44,3 +53,32 @@ def eval_checkpoint(path: Path, seed: int = 3):
                                   max_position_embeddings=4096)
     write_tokenizer(path)
     return hf, path
+
+
+@functools.cache
+def mc_task_dir() -> Path:
+    """The folder with the lm-eval task ``tiny_mc`` (tiny_mc.yaml + data.jsonl): pass it as ``--include-path``."""
+    d = Path(tempfile.mkdtemp(prefix="tiny_mc_"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "sea", "road", "mat", "sun", "tree", "bird"]
+    with open(d / "data.jsonl", "w") as f:
+        for i in range(8):
+            ch = list(rng.choice(words, 3, replace=False))
+            f.write(json.dumps({"question": f"Q{i}: the {words[i]} is near the", "choices": [f" {c}" for c in ch],
+                                "answer": int(i % 3)}) + "\n")
+    (d / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'data.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    return d

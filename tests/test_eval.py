@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
-from eval_helpers import EOS, eval_checkpoint  # noqa: E402
+from eval_helpers import EOS, eval_checkpoint, mc_task_dir  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from olmo_hybrid_jax.eval.__main__ import main as eval_cli  # noqa: E402
@@ -130,30 +130,8 @@ def test_generate_until_matches_hflm(ours, hflm):
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tasks")
-    rng = np.random.default_rng(0)
-    words = ["cat", "dog", "sea", "road", "mat", "sun", "tree", "bird"]
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(8):
-            ch = list(rng.choice(words, 3, replace=False))
-            f.write(json.dumps({"question": f"Q{i}: the {words[i]} is near the", "choices": [f" {c}" for c in ch],
-                                "answer": int(i % 3)}) + "\n")
-    (d / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'data.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
-    return d
+def task_dir():
+    return mc_task_dir()
 
 
 def test_local_task_matches_hflm(hflm, ckpt, task_dir, tmp_path):

@@ -5,6 +5,8 @@
         [--output results.json]
     python -m olmo_hybrid_jax.eval ppl --checkpoint DIR [--tokenizer tokenizer.json] [--max-length 2048]
         [--batch-size 4] [--output ppl.json] FILE...
+    python -m olmo_hybrid_jax.eval sweep --checkpoints RUN_OR_FOLDER --output sweep.json [--tasks ...]
+        [--ppl FILE ...] [--tokens-per-step [STAGE=]N] [--stage-offset STAGE=TOKENS]
 
 ``--checkpoint`` is an HF directory, an orbax model directory or a training run directory (latest
 checkpoint, or ``--step N``). lm-eval's own ``lm_eval`` CLI cannot load models from other packages
@@ -22,6 +24,10 @@ re-encoded). Reported: loss (mean nats per token), perplexity ``exp(loss)``, and
 (total nats / ln 2 / UTF-8 bytes of the documents' text; EOS has no bytes) when a tokenizer (or byte
 level ids) gives the text.
 
+``sweep``: a series of checkpoints (a training run's steps, or a folder of ``stageK-stepN`` / ``stepN``
+checkpoint folders) on tasks and/or files, one row each in OUT.json / OUT.csv, plus a plot OUT.png
+of every metric against tokens seen; resumable. See ``olmo_hybrid_jax/eval/sweep.py``.
+
 Bad input (a missing checkpoint or file, an unknown task, token ids >= the vocabulary) ends with one
 ``error: ...`` line and exit status 2 before any scoring.
 """
@@ -29,154 +35,11 @@ Bad input (a missing checkpoint or file, an unknown task, token ids >= the vocab
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
-
-_TEXT_SUFFIXES = {".txt", ".jsonl"}
-
-
-class InputError(ValueError):
-    """Bad command-line input: reported as one ``error:`` line, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------- ppl
-def _split_documents(tokens: np.ndarray, eos: int) -> list[np.ndarray]:
-    """Documents of a token stream: each ends at (and holds) its EOS; a trailing piece without one counts too."""
-    ends = np.flatnonzero(tokens == eos) + 1
-    return [d for d in np.split(np.asarray(tokens, np.int64), ends) if d.size]
-
-
-def _load_documents(path: Path, tok, eos: int, args) -> tuple[list[np.ndarray], list[int] | None]:
-    """(documents as token arrays, UTF-8 bytes per document or None) for one input file."""
-    from olmo_hybrid_jax.train.data import DataError, open_token_file, read_documents
-
-    try:
-        if path.suffix in _TEXT_SUFFIXES:
-            if tok is None:
-                raise InputError(f"{path}: text input needs a tokenizer (--tokenizer, or the checkpoint's own)")
-            texts = list(read_documents([str(path)], args.text_field))
-            docs = [np.asarray(tok.encode(t, add_special_tokens=False) + [eos], np.int64) for t in texts]
-            return docs, [len(t.encode("utf-8")) for t in texts]
-        docs = _split_documents(np.asarray(open_token_file(path, args.token_dtype)), eos)
-    except DataError as e:
-        raise InputError(str(e)) from e
-    if tok is None:
-        return docs, None
-    return docs, [tok.text_bytes(d) for d in docs]
-
-
-def _summary(nll: float, tokens: int, nbytes: int | None, docs: int) -> dict:
-    loss = nll / tokens if tokens else float("nan")
-    return {"documents": docs, "tokens": tokens, "nll": nll, "loss": loss,
-            "perplexity": math.exp(loss) if tokens else float("nan"),
-            "bytes": nbytes, "bits_per_byte": nll / math.log(2) / nbytes if nbytes else None}
-
-
-def ppl(args) -> dict:
-    from tqdm.auto import tqdm
-
-    from olmo_hybrid_jax.eval.loading import TextTokenizer, checkpoint_kind, load_model
-    from olmo_hybrid_jax.eval.scoring import score_documents
-
-    checkpoint_kind(args.checkpoint)
-    files = [Path(f) for f in args.files]
-    for f in files:
-        if not f.is_file():
-            raise InputError(f"input file not found: {f}")
-    model = load_model(args.checkpoint, step=args.step, dtype=args.dtype)
-    cfg = model.config
-    tok_path = args.tokenizer or (Path(args.checkpoint) / "tokenizer.json")
-    try:
-        tok = TextTokenizer(tok_path if Path(tok_path).is_file() or args.tokenizer else None,
-                            vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id)
-    except ValueError:  # no tokenizer and no byte-level ids: scores without bits per byte
-        tok = None
-    eos = args.eos_id if args.eos_id is not None else (tok.eos_token_id if tok else None)
-    if eos is None:
-        eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
-    if eos is None:
-        raise InputError("no EOS id: the tokenizer and the model config name none; pass --eos-id")
-    window = args.max_length or cfg.max_position_embeddings
-    loaded = {}
-    for f in files:  # every file read and checked before any scoring
-        docs, nbytes = _load_documents(f, tok, eos, args)
-        if args.limit:
-            docs, nbytes = docs[:args.limit], None if nbytes is None else nbytes[:args.limit]
-        hi = max((int(d.max()) for d in docs), default=-1)
-        if hi >= cfg.vocab_size or eos >= cfg.vocab_size:
-            raise InputError(f"{f}: token id {max(hi, eos)} >= the model's vocab_size {cfg.vocab_size}")
-        loaded[f] = (docs, nbytes)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    out: dict = {"checkpoint": str(args.checkpoint), "max_length": window, "files": {}}
-    tot_nll, tot_tok, tot_bytes, tot_docs = 0.0, 0, 0, 0
-    for f, (docs, nbytes) in loaded.items():
-        seqs = [np.concatenate([[eos], d]) for d in docs]
-        with tqdm(total=len(seqs), desc=f"ppl {f.name}", unit="doc", disable=args.quiet) as bar:
-            res = score_documents(model, seqs, window=window, batch_size=args.batch_size, pad_id=pad,
-                                  progress=bar.update)
-        nll, n = -sum(lp for lp, _ in res), sum(k for _, k in res)
-        b = None if nbytes is None else sum(nbytes)
-        out["files"][str(f)] = _summary(nll, n, b, len(docs))
-        tot_nll, tot_tok, tot_docs = tot_nll + nll, tot_tok + n, tot_docs + len(docs)
-        tot_bytes = None if b is None or tot_bytes is None else tot_bytes + b
-    out["total"] = _summary(tot_nll, tot_tok, tot_bytes, tot_docs)
-    return out
-
-
-# ----------------------------------------------------------------------------------------- lm-eval
-def _model_args(args) -> dict:
-    from lm_eval.utils import simple_parse_args_string
-
-    kw = simple_parse_args_string(args.model_args or "")
-    kw["pretrained"] = args.checkpoint
-    for key in ("step", "dtype", "tokenizer", "max_length"):
-        if getattr(args, key, None) is not None:
-            kw[key] = getattr(args, key)
-    kw["batch_size"] = args.batch_size
-    return kw
-
-
-@functools.lru_cache(maxsize=4)
-def task_manager(include_path: tuple[str, ...] = ()):
-    """lm-eval's TaskManager (it indexes every task YAML it ships: seconds; kept for the process)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(include_path) or None)
-
-
-def lm_eval_tasks(args) -> dict:
-    try:
-        import lm_eval
-    except ImportError as e:
-        raise InputError("lm-eval is not installed: pip install 'olmo_hybrid_jax[eval]'") from e
-    from olmo_hybrid_jax.eval.harness import OlmoHybridLM
-    from olmo_hybrid_jax.eval.loading import checkpoint_kind
-
-    checkpoint_kind(args.checkpoint)
-    for p in args.include_path or []:
-        if not Path(p).is_dir():
-            raise InputError(f"--include-path {p} is not a directory")
-    tm = task_manager(tuple(args.include_path or ()))
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in tm.all_tasks]
-    if unknown or not tasks:
-        raise InputError(f"unknown task {unknown[0]!r} (list them with `lm-eval ls tasks`; local YAMLs need "
-                         "--include-path)" if unknown else "no task given")
-    lm = OlmoHybridLM(**_model_args(args))
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=tm, log_samples=False, random_seed=args.seed,
-                                  numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                                  fewshot_random_seed=args.seed)
-    from lm_eval.utils import make_table
-
-    if not args.quiet:
-        print(make_table(res))
-    return {k: res[k] for k in ("results", "versions", "n-shot", "higher_is_better", "n-samples") if k in res}
+from olmo_hybrid_jax.eval.commands import InputError, lm_eval_tasks, ppl, task_manager  # noqa: F401
 
 
 def main(argv=None) -> int:
@@ -184,32 +47,58 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m olmo_hybrid_jax.eval", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    one = argparse.ArgumentParser(add_help=False)  # the options of the one-checkpoint subcommands
+    one.add_argument("--checkpoint", required=True, help="HF, orbax or training-run directory")
+    one.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default: latest)")
+    one.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="parameter dtype (default: stored)")
+    one.add_argument("--output", default=None, help="write the results here as JSON")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", required=True, help="HF, orbax or training-run directory")
-    common.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default: latest)")
-    common.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="parameter dtype (default: stored)")
     common.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     common.add_argument("--max-length", type=int, default=None, help="tokens per forward (default: the config's)")
     common.add_argument("--batch-size", type=int, default=1)
-    common.add_argument("--output", default=None, help="write the results here as JSON")
     common.add_argument("--quiet", action="store_true", help="no progress bars or table")
-    le = sub.add_parser("lm-eval", parents=[common], help="run lm-evaluation-harness tasks")
+    tasks = argparse.ArgumentParser(add_help=False)
+    tasks.add_argument("--include-path", action="append", default=None, help="folder of local task YAMLs (repeatable)")
+    tasks.add_argument("--num-fewshot", type=int, default=None)
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--model-args", default="", help="more model args, k=v,k=v (add_bos_token, max_gen_toks, ...)")
+    files = argparse.ArgumentParser(add_help=False)
+    files.add_argument("--token-dtype", default="auto", help="dtype of raw token files without a known suffix")
+    files.add_argument("--text-field", default="text", help="the text field of .jsonl lines")
+    files.add_argument("--eos-id", type=int, default=None, help="document separator (default: the tokenizer's EOS)")
+    le = sub.add_parser("lm-eval", parents=[one, common, tasks], help="run lm-evaluation-harness tasks")
     le.add_argument("--tasks", required=True, help="comma-separated task (or group) names")
-    le.add_argument("--include-path", action="append", default=None, help="folder of local task YAMLs (repeatable)")
-    le.add_argument("--num-fewshot", type=int, default=None)
     le.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
-    le.add_argument("--seed", type=int, default=0)
-    le.add_argument("--model-args", default="", help="more model args, k=v,k=v (add_bos_token, max_gen_toks, ...)")
-    pp = sub.add_parser("ppl", parents=[common], help="loss, perplexity and bits per byte of files")
+    pp = sub.add_parser("ppl", parents=[one, common, files], help="loss, perplexity and bits per byte of files")
     pp.add_argument("files", nargs="+", help="token files (.npy/.u8/.u16/.u32) or text files (.txt/.jsonl)")
-    pp.add_argument("--token-dtype", default="auto", help="dtype of raw token files without a known suffix")
-    pp.add_argument("--text-field", default="text", help="the text field of .jsonl lines")
-    pp.add_argument("--eos-id", type=int, default=None, help="document separator (default: the tokenizer's EOS)")
     pp.add_argument("--limit", type=int, default=None, help="score the first N documents of each file")
+    sw = sub.add_parser("sweep", parents=[common, tasks, files], help="evaluate a series of checkpoints into a table",
+                        description="Evaluate a series of checkpoints (see olmo_hybrid_jax/eval/sweep.py).")
+    sw.add_argument("--checkpoints", required=True,
+                    help="a training run directory, or a folder of stageK-stepN / stepN checkpoint folders")
+    sw.add_argument("--output", required=True, help="OUT.json; OUT.csv and OUT.png are written beside it")
+    sw.add_argument("--tasks", default=None, help="comma-separated lm-eval task (or group) names")
+    sw.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    sw.add_argument("--ppl", nargs="+", action="extend", default=None, metavar="FILE",
+                    help="token or text files scored as the ppl subcommand does")
+    sw.add_argument("--ppl-limit", type=int, default=None, help="score the first N documents of each --ppl file")
+    sw.add_argument("--tokens-per-step", action="append", default=None, metavar="[STAGE=]N",
+                    help="tokens per optimizer step, for every stage or for STAGE (repeatable)")
+    sw.add_argument("--stage-offset", action="append", default=None, metavar="STAGE=TOKENS",
+                    help="tokens seen before STAGE's step 0 (default: where stage STAGE-1 ended)")
+    sw.add_argument("--dtype", choices=["auto", *sorted(DTYPE_NAMES)], default="auto",
+                    help="parameter dtype (default auto: config.json's, as lm-eval)")
     args = ap.parse_args(argv)
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
         ap.error("--batch-size and --max-length must be >= 1")
     try:
+        if args.cmd == "sweep":
+            from olmo_hybrid_jax.eval.sweep import outputs, sweep
+
+            out = sweep(args)
+            print(f"{len(out['rows'])} checkpoints: wrote {', '.join(map(str, outputs(args.output)))}",
+                  file=sys.stderr)
+            return 0
         out = ppl(args) if args.cmd == "ppl" else lm_eval_tasks(args)
     except (InputError, FileNotFoundError, ValueError) as e:  # InputError is a ValueError too
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,8 @@
     lm_eval.simple_evaluate(model="olmo_hybrid_jax", model_args="pretrained=DIR,batch_size=4", tasks=[...])
 
 model_args: ``pretrained`` (an HF directory, an orbax model directory, or a training run directory,
-whose latest checkpoint or ``step=N``), ``tokenizer`` (a tokenizer.json or its folder; default the
+whose latest checkpoint or ``step=N``; from Python also a loaded ``OlmoHybridForCausalLM``, whose
+tokenizer must then be given or is byte level), ``tokenizer`` (a tokenizer.json or its folder; default the
 checkpoint's, else byte level), ``dtype`` ("auto": config.json's, as ``hf``; None: as stored),
 ``batch_size``, ``max_length`` (default the config's ``max_position_embeddings``, as lm-eval's
 ``hf``), ``max_gen_toks`` (256), ``add_bos_token``, ``prefix_token_id``, ``seed`` (sampling).
@@ -55,7 +56,7 @@ class _Stop(Exception):
 class OlmoHybridLM(TemplateLM):
     """lm-eval ``LM`` on this project's model and caches; see the module docstring."""
 
-    def __init__(self, pretrained: str, tokenizer: str | None = None, step: int | None = None, dtype="auto",
+    def __init__(self, pretrained, tokenizer: str | None = None, step: int | None = None, dtype="auto",
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 1234,
                  device: str | None = None, max_batch_size: int | None = None):
@@ -66,10 +67,13 @@ class OlmoHybridLM(TemplateLM):
         self._batch_size = int(batch_size)
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        kind = checkpoint_kind(pretrained)
-        self.model = load_model(pretrained, step=step, dtype=dtype)
+        if isinstance(pretrained, (str, Path)):
+            kind = checkpoint_kind(pretrained)
+            self.model = load_model(pretrained, step=step, dtype=dtype)
+        else:  # a loaded OlmoHybridForCausalLM, as HFLM takes a PreTrainedModel; step and dtype do not apply
+            kind, self.model = None, pretrained
         cfg = self.model.config
-        if tokenizer is None and kind != "run":
+        if tokenizer is None and kind not in (None, "run"):
             tokenizer = pretrained if (Path(pretrained) / "tokenizer.json").is_file() else None
         self.tokenizer = TextTokenizer(tokenizer, vocab_size=cfg.vocab_size, eos_token_id=cfg.eos_token_id)
         if self.tokenizer.eos_token_id is None:

@@ -24,8 +24,23 @@ def checkpoint_kind(path: str | Path) -> str:
         return "orbax"
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
         return "hf"
+    if (p / "model_and_optim").is_dir():  # OLMo-core's own save format: torch.distributed.checkpoint shards
+        raise FileNotFoundError(f"{p} is an OLMo-core distributed checkpoint (model_and_optim/): convert it to HF "
+                                "safetensors first (OLMo-core's HF conversion script)")
     raise FileNotFoundError(f"{p} holds no HF checkpoint (*.safetensors), orbax model (params/) "
                             "or training run (config.yaml)")
+
+
+def checkpoint_config(path: str | Path):
+    """The ``OlmoHybridConfig`` of the checkpoint in ``path`` without reading any weights."""
+    from olmo_hybrid_jax.config import OlmoHybridConfig
+
+    if checkpoint_kind(path) != "run":
+        return OlmoHybridConfig.from_hf(Path(path) / "config.json")
+    from olmo_hybrid_jax.train.config import load_config
+    from olmo_hybrid_jax.train.trainer import model_config
+
+    return model_config(load_config(Path(path) / "config.yaml"))
 
 
 def load_model(path: str | Path, *, step: int | None = None, dtype=None):
