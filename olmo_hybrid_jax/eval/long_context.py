@@ -17,7 +17,8 @@ and the score is RULER's ``string_match_all``: the fraction of them found in the
   capital letters) among filler sentences; name every variable assigned the chain's value. One solved
   example (a short chain) comes first, as in RULER's vt.
 - ``common_words``: a numbered list of 6-letter made-up words in which 10 words repeat 30 times and the
-  others 3 times (6 and 1 below 4096 tokens); name the 10 most common. One solved short example first.
+  others 3 times (6 and 1 below 4096 tokens, or where 30 repeats of 10 words do not fit, as with byte
+  counts at 4096); name the 10 most common. One solved short example first.
 
 Haystacks: ``corpus`` (default for the needle tasks) is the repo's embedded text corpus (the CPython
 help topics of ``data/pydoc_topics.u8``: real prose and code, whitespace collapsed, taken cyclically from
@@ -29,7 +30,7 @@ model, ``input + " " + gen_prefix``, with the special tokens the tokenizer adds)
 ``L - max_gen_toks`` tokens (128 for the needle tasks, 30 for variable tracking, 120 for common words,
 RULER's budgets), so prompt and answer fit in L, as RULER counts. The haystack grows until one more unit
 (a corpus word, a filler sentence, one more rare word with its repeats) would not fit: the prompt is
-within one unit of that budget. Tokens are those of the target checkpoint's ``tokenizer.json`` (HF
+within about one unit of that budget. Tokens are those of the target checkpoint's ``tokenizer.json`` (HF
 ``tokenizers``); without one, UTF-8 bytes (all text here is ASCII: bytes = characters = the ids of a
 byte-level model). Needle depths follow a rotated van der Corput sequence over the samples, so any
 first k samples (lm-eval ``--limit k``) spread over the depth.
@@ -43,7 +44,8 @@ Written files (deterministic given the arguments and the tokenizer: the same byt
     DIR/ruler_{L}/utils.py                 the dataset loader and the metric (no olmo_hybrid_jax import)
 
 A jsonl row: ``index``, ``task``, ``max_length`` (L), ``length`` (the prompt's tokens), ``depth`` (percent
-of the haystack's characters before the first asked needle; null for common_words), ``needle_depths``
+of the haystack's characters before the asked needle placed at the sample's depth, for variable tracking
+the chain's first assignment; null for common_words), ``needle_depths``
 (every inserted needle's, ascending), ``outputs`` (the expected answers), ``gen_prefix`` (the answer's
 start, which lm-eval appends to the prompt after a space) and ``input`` (the prompt before it). The
 folder is self-contained (the loader finds the jsonl next to itself): copy it to any machine with lm-eval.
@@ -572,7 +574,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=100, help="samples per task and length (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or a checkpoint folder holding one (default: count UTF-8 bytes)")
+                   help="tokenizer.json or a checkpoint folder holding one; 'bytes' or none: count UTF-8 bytes")
     p.add_argument("--haystack", choices=HAYSTACKS, default="corpus", help="haystack of the needle tasks")
     p.add_argument("--quiet", action="store_true", help="no line per task written")
     p.set_defaults(func=main)
