@@ -1,16 +1,20 @@
 """In-loop evaluation (issue 15, item 3) and the training loggers (item 6), on the 2-layer tiny model (T=32, B=4)
 in-process: eval rows land at every ``eval.every``-th step with the loss an independent forward + log-softmax
 gives on the held-out rows (document-aware), evaluation changes no training loss (eval on = eval off; stopped
-at step 3 and resumed = uninterrupted), TensorBoard's event file and a stand-in W&B get the rows of
-metrics.jsonl, and a bad eval or logger setting is one line and exit 2 before any work."""
+at step 3 and resumed = uninterrupted), a 4-device mesh evaluates as one device does, TensorBoard's event file
+and a stand-in W&B get the rows of metrics.jsonl, and a bad eval or logger setting (or a logger package
+missing) is one line and exit 2 before any work."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import struct
+import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from olmo_hybrid_jax.train.config import CONFIG_DIR, ConfigError, load_config
 from olmo_hybrid_jax.train.metrics import read_metrics
 from olmo_hybrid_jax.train.trainer import run
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = str(CONFIG_DIR / "tiny.yaml")
 STEPS, EVERY, EOS = 6, 2, 1
 SMALL = ["model.overrides.num_hidden_layers=2", "model.overrides.layer_types=[linear_attention,full_attention]",
@@ -84,6 +89,7 @@ def with_eval(tmp_path_factory, held_out):
     return {"out": out, "wandb": fake, "stderr": err.getvalue()}
 
 
+@pytest.mark.slow  # the module's eval run (13 s) starts here
 def test_eval_rows_at_every_nth_step_equal_an_independent_forward(with_eval, held_out):
     from olmo_hybrid_jax.train.export import load_run_model
 
@@ -118,6 +124,36 @@ def test_eval_changes_no_training_loss_nor_does_a_resume(with_eval, held_out, tm
     assert train_losses(part) == train_losses(with_eval["out"])
     full = {r["step"]: r["eval/loss"] for r in rows(with_eval["out"]) if "eval/loss" in r}
     assert {r["step"]: r["eval/loss"] for r in rows(part) if "eval/loss" in r} == full
+
+
+_SHARDED_EVAL = textwrap.dedent("""
+    import json, sys, jax
+    from flax import nnx
+    from olmo_hybrid_jax.train.config import load_config
+    from olmo_hybrid_jax.train.data import held_out_batches
+    from olmo_hybrid_jax.train.export import load_run_model
+    from olmo_hybrid_jax.train.trainer import Trainer
+    cfg = load_config(sys.argv[1] + "/config.yaml")
+    tr = Trainer(cfg)  # mesh.fsdp=-1: the 4 devices
+    params = nnx.to_pure_dict(nnx.state(load_run_model(sys.argv[1], step=2), nnx.Param))
+    params = jax.tree.map(jax.device_put, params, tr.state_sharding["params"])
+    held, _ = held_out_batches(cfg.eval.paths, cfg.data, tr.eos_id, batch_size=tr.micro_batch_size, batches=None)
+    print(json.dumps({"mesh": dict(tr.mesh.shape), **tr.evaluate(params, held)}))
+""")
+
+
+@pytest.mark.slow
+def test_eval_on_a_4_device_mesh_equals_one_device(with_eval):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", _SHARDED_EVAL, str(with_eval["out"])], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["mesh"]["fsdp"] == 4
+    (want,) = [r for r in rows(with_eval["out"]) if r["step"] == 2]
+    assert got["eval/tokens"] == want["eval/tokens"]
+    assert got["eval/loss"] == pytest.approx(want["eval/loss"], rel=1e-5)
 
 
 def read_scalars(logdir: Path) -> dict[tuple[str, int], float]:
