@@ -202,3 +202,49 @@ def test_bad_input_exits_2(ckpt, tmp_path, task_dir, capsys):
         assert eval_cli(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), (argv, err)
+
+
+_SHARDED = """
+import sys, numpy as np, jax
+from flax import nnx
+from olmo_hybrid_jax.config import OlmoHybridConfig
+from olmo_hybrid_jax.convert import save_hf
+from olmo_hybrid_jax.eval.harness import OlmoHybridLM
+from olmo_hybrid_jax.model import OlmoHybridForCausalLM
+assert jax.device_count() == 4
+save_hf(OlmoHybridForCausalLM(OlmoHybridConfig.preset("tiny"), rngs=nnx.Rngs(0)), sys.argv[1], progress=False)
+rng = np.random.default_rng(0)
+reqs = [(None, list(rng.integers(2, 256, n)), list(rng.integers(2, 256, m))) for n in (3, 20, 50) for m in (1, 5, 30)]
+out = {}
+for mesh in ({}, {"fsdp": 2}):  # 2 parameter shards x 2 replicas: rows over all 4 devices
+    lm = OlmoHybridLM(pretrained=sys.argv[1], batch_size=4, max_length=32, **mesh)
+    out[str(mesh)] = lm._loglikelihood_tokens(reqs, disable_tqdm=True)  # continuations of 30: extend windows too
+spec = lm.model.lm_head.kernel.get_value().sharding.spec
+assert spec[0] == "fsdp", spec
+a, b = out.values()
+np.testing.assert_allclose([x for x, _ in b], [x for x, _ in a], rtol=1e-5, atol=1e-5)
+assert [g for _, g in b] == [g for _, g in a]
+try:
+    OlmoHybridLM(pretrained=sys.argv[1], batch_size=3, mesh="fsdp")
+except ValueError as e:
+    assert "multiple of the 4 devices" in str(e), e
+else:
+    raise AssertionError("batch_size=3 on 4 devices was accepted")
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_sharded_harness_equals_unsharded(tmp_path):
+    """``fsdp=2`` on 4 emulated CPU devices (a subprocess: XLA_FLAGS must precede JAX's start)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env.pop("JAX_PLATFORMS", None)
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "ckpt")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]

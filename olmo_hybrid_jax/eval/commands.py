@@ -83,8 +83,10 @@ def ppl_inputs(files, checkpoint, cfg, args) -> tuple[dict, int]:
     return loaded, eos
 
 
-def score_ppl(model, loaded: dict, eos: int, *, window: int, batch_size: int, quiet: bool = False) -> dict:
-    """``{"files": {path: summary}, "total": summary}`` of ``ppl_inputs``' documents under ``model``."""
+def score_ppl(model, loaded: dict, eos: int, *, window: int, batch_size: int, quiet: bool = False,
+              sharding=None) -> dict:
+    """``{"files": {path: summary}, "total": summary}`` of ``ppl_inputs``' documents under ``model``
+    (``sharding``: ``loading.batch_sharding``'s, for a model placed on a mesh)."""
     from tqdm.auto import tqdm
 
     from olmo_hybrid_jax.eval.scoring import score_documents
@@ -97,7 +99,7 @@ def score_ppl(model, loaded: dict, eos: int, *, window: int, batch_size: int, qu
         seqs = [np.concatenate([[eos], d]) for d in docs]
         with tqdm(total=len(seqs), desc=f"ppl {f.name}", unit="doc", disable=quiet) as bar:
             res = score_documents(model, seqs, window=window, batch_size=batch_size, pad_id=pad,
-                                  progress=bar.update)
+                                  progress=bar.update, sharding=sharding)
         nll, n = -sum(lp for lp, _ in res), sum(k for _, k in res)
         b = None if nbytes is None else sum(nbytes)
         out["files"][str(f)] = _summary(nll, n, b, len(docs))

@@ -7,8 +7,17 @@ model_args: ``pretrained`` (an HF directory, an orbax model directory, or a trai
 whose latest checkpoint or ``step=N``; from Python also a loaded ``OlmoHybridForCausalLM``, whose
 tokenizer must then be given or is byte level), ``tokenizer`` (a tokenizer.json or its folder; default the
 checkpoint's, else byte level), ``dtype`` ("auto": config.json's, as ``hf``; None: as stored),
-``batch_size``, ``max_length`` (default the config's ``max_position_embeddings``, as lm-eval's
-``hf``), ``max_gen_toks`` (256), ``add_bos_token``, ``prefix_token_id``, ``seed`` (sampling).
+``batch_size``, ``mesh`` / ``fsdp`` (below), ``max_length`` (default the config's
+``max_position_embeddings``, as lm-eval's ``hf``), ``max_gen_toks`` (256), ``add_bos_token``,
+``prefix_token_id``, ``seed`` (sampling).
+
+``mesh=fsdp`` shards the parameters over this host's devices by the training rules
+(``train.sharding``: the hidden dim of every matrix over the ``fsdp`` axis), ``mesh=data`` replicates
+them, ``fsdp=N`` gives N parameter shards and the rest replicas, ``mesh=auto`` is fsdp on several
+devices and nothing on one; the rows of every scoring batch are split over all of them (``batch_size``
+a multiple of the device count) and the GDN op runs per shard. The checkpoint is read onto the first
+device and then placed, so that device needs room for one whole copy. ``generate_until`` runs with the
+sharded parameters but its rows are not split explicitly.
 
 Tokenization mirrors lm-eval's ``hf`` backend (``HFLM``) so the numbers are the same: ``TemplateLM``'s
 context/continuation split (trailing context spaces move to the continuation; the continuation is
@@ -41,7 +50,15 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
-from olmo_hybrid_jax.eval.loading import TextTokenizer, checkpoint_kind, load_model
+from olmo_hybrid_jax.eval.loading import (
+    TextTokenizer,
+    batch_sharding,
+    checkpoint_kind,
+    eval_mesh,
+    load_model,
+    mesh_model_kwargs,
+    shard_model,
+)
 from olmo_hybrid_jax.eval.scoring import MIN_PREFIX, bucket, score_continuations, score_documents
 
 log = logging.getLogger(__name__)
@@ -59,7 +76,8 @@ class OlmoHybridLM(TemplateLM):
     def __init__(self, pretrained, tokenizer: str | None = None, step: int | None = None, dtype="auto",
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 1234,
-                 device: str | None = None, max_batch_size: int | None = None):
+                 device: str | None = None, max_batch_size: int | None = None, mesh: str | None = None,
+                 fsdp: int | None = None):
         super().__init__()
         del device, max_batch_size  # lm-eval passes them to every model; JAX places the arrays itself
         if isinstance(batch_size, str) and not batch_size.isdigit():
@@ -67,11 +85,15 @@ class OlmoHybridLM(TemplateLM):
         self._batch_size = int(batch_size)
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.mesh, rules = eval_mesh(mesh, fsdp)
+        self.batch_sharding = batch_sharding(self.mesh, rules, self._batch_size)
         if isinstance(pretrained, (str, Path)):
             kind = checkpoint_kind(pretrained)
-            self.model = load_model(pretrained, step=step, dtype=dtype)
+            self.model = load_model(pretrained, step=step, dtype=dtype, **mesh_model_kwargs(self.mesh, rules))
         else:  # a loaded OlmoHybridForCausalLM, as HFLM takes a PreTrainedModel; step and dtype do not apply
             kind, self.model = None, pretrained
+        if self.mesh is not None:
+            self.model = shard_model(self.model, self.mesh, rules)
         cfg = self.model.config
         if tokenizer is None and kind not in (None, "run"):
             tokenizer = pretrained if (Path(pretrained) / "tokenizer.json").is_file() else None
@@ -140,7 +162,7 @@ class OlmoHybridLM(TemplateLM):
         with tqdm(total=len(pairs), disable=disable_tqdm, desc="Running loglikelihood requests") as bar:
             res = score_continuations(self.model, pairs, window=self.max_length,
                                       batch_size=override_bs or self.batch_size, pad_id=self.pad_token_id,
-                                      progress=bar.update)
+                                      progress=bar.update, sharding=self.batch_sharding)
         for (key, _, _), ans in zip(requests, res):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, ans)
@@ -151,7 +173,7 @@ class OlmoHybridLM(TemplateLM):
         seqs = [[self.prefix_token_id] + self.tok_encode(s) for s in strings]
         with tqdm(total=len(seqs), disable=disable_tqdm, desc="Running loglikelihood_rolling requests") as bar:
             res = score_documents(self.model, seqs, window=self.max_length, batch_size=self.batch_size,
-                                  pad_id=self.pad_token_id, progress=bar.update)
+                                  pad_id=self.pad_token_id, progress=bar.update, sharding=self.batch_sharding)
         out = [lp for lp, _ in res]
         for s, lp in zip(strings, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (s,), lp)

@@ -43,12 +43,12 @@ def checkpoint_config(path: str | Path):
     return model_config(load_config(Path(path) / "config.yaml"))
 
 
-def load_model(path: str | Path, *, step: int | None = None, dtype=None):
+def load_model(path: str | Path, *, step: int | None = None, dtype=None, **model_kwargs):
     """The ``OlmoHybridForCausalLM`` in ``path``: HF safetensors, orbax, or a training run (latest or ``step``).
 
     ``dtype`` is the parameter dtype: None keeps the stored dtypes, "auto" casts to config.json's dtype
     (transformers' and lm-eval's hf default; a run: its fp32 master weights), else a run's fp32 master
-    weights are cast to it too.
+    weights are cast to it too. ``model_kwargs`` are construction options (``gdn_shard_axes``, ...).
     """
     from olmo_hybrid_jax.generate import load_checkpoint
 
@@ -58,15 +58,74 @@ def load_model(path: str | Path, *, step: int | None = None, dtype=None):
     if kind != "run":
         if step is not None:
             raise ValueError(f"step={step} needs a training run directory; {path} is an {kind} checkpoint")
-        return load_checkpoint(path, dtype="auto" if auto else dtype)
+        return load_checkpoint(path, dtype="auto" if auto else dtype, **model_kwargs)
     from olmo_hybrid_jax.train.export import load_run_model
 
-    model = load_run_model(path, step=step, **({"param_dtype": dtype} if dtype is not None else {}))
+    model = load_run_model(path, step=step, **({"param_dtype": dtype} if dtype is not None else {}), **model_kwargs)
     if dtype is not None:  # from_list_params keeps the restored arrays' dtype
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
         model = nnx.merge(graphdef, state)
     return model
+
+
+def eval_mesh(mesh: str | None = None, fsdp: int | None = None):
+    """(Mesh, rules) over this host's devices for ``mesh`` = "fsdp" (parameters sharded over every device),
+    "data" (replicated), "auto" ("fsdp" on several devices, else none) or ``fsdp=N`` (N shards, the rest
+    replicas); (None, None) for none. Rows are split over the data and fsdp axes (the training "batch" rule)."""
+    from olmo_hybrid_jax.train import sharding as shd
+
+    mesh = None if mesh in (None, "", "none") else str(mesh)
+    if mesh not in (None, "auto", "fsdp", "data"):
+        raise ValueError(f"mesh={mesh!r}: expected none, auto, fsdp or data")
+    devices = jax.local_devices()
+    if fsdp is not None:
+        if mesh not in (None, "fsdp"):
+            raise ValueError(f"fsdp={fsdp} goes with mesh=fsdp (or no mesh), not mesh={mesh}")
+        sizes = {"data": -1, "fsdp": int(fsdp)}
+    elif mesh == "fsdp" or (mesh == "auto" and len(devices) > 1):
+        sizes = {"data": 1, "fsdp": -1}
+    elif mesh == "data":
+        sizes = {"data": -1, "fsdp": 1}
+    else:
+        return None, None
+    return shd.make_mesh(**sizes, devices=devices), shd.merged_rules()
+
+
+def mesh_model_kwargs(mesh, rules) -> dict:
+    """The GDN op's per-shard options on ``mesh`` (rows over the "batch" axes): XLA cannot partition the GPU
+    kernel's custom call and would gather the whole batch onto every device otherwise."""
+    from olmo_hybrid_jax.kernels import ShardAxes
+    from olmo_hybrid_jax.train.sharding import rule_axes
+
+    if mesh is None or mesh.size == 1:
+        return {}
+    return {"gdn_shard_axes": ShardAxes(batch=rule_axes(rules, "batch")), "gdn_mesh": mesh}
+
+
+def batch_sharding(mesh, rules, batch_size: int):
+    """Where a [batch_size, tokens] scoring input goes on ``mesh``: its rows split over the "batch" axes
+    (None without a mesh); ValueError when ``batch_size`` does not split (the GDN op's shards need it)."""
+    import math
+
+    from olmo_hybrid_jax.train.sharding import activation_sharding, rule_axes
+
+    if mesh is None:
+        return None
+    shards = math.prod(mesh.shape[a] for a in rule_axes(rules, "batch"))
+    if batch_size % shards:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the {shards} devices the rows are split over")
+    return activation_sharding(mesh, rules, ("batch", None))
+
+
+def shard_model(model, mesh, rules):
+    """``model`` with its parameters placed by the training rules (``train.sharding.param_shardings``)."""
+    from olmo_hybrid_jax.train.sharding import param_shardings
+
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)  # the rules match paths without nnx's trailing "value"
+    nnx.replace_by_pure_dict(state, jax.device_put(pure, param_shardings(pure, mesh, rules)))
+    return nnx.merge(graphdef, state)
 
 
 def _token_str(v) -> str | None:

@@ -62,14 +62,16 @@ def _pad_rows(rows: list, batch_size: int) -> list:
 
 
 def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, window: int,
-                        batch_size: int = 1, pad_id: int = 0, progress: Callable[[int], None] | None = None
-                        ) -> list[tuple[float, bool]]:
+                        batch_size: int = 1, pad_id: int = 0, progress: Callable[[int], None] | None = None,
+                        sharding=None) -> list[tuple[float, bool]]:
     """(sum log p(cont | prefix), cont is the greedy continuation) for each (prefix, cont) request.
 
     Both need at least one token. ``batch_size`` distinct prefixes are prefilled together, then their
     continuations extended ``batch_size`` rows and at most ``window`` tokens per call (the longest
-    first). ``progress(n)`` is called as requests finish.
+    first). ``progress(n)`` is called as requests finish. ``sharding``: where the [batch, tokens] inputs go
+    (rows split over a mesh; None: the default device).
     """
+    put = jnp.asarray if sharding is None else (lambda x: jax.device_put(x, sharding))
     if batch_size < 1 or window < 1:
         raise ValueError(f"batch_size and window must be >= 1, got {batch_size}, {window}")
     groups: dict[tuple, list[int]] = {}
@@ -95,7 +97,7 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
         for gi, k in enumerate(_pad_rows(chunk, batch_size)):
             ids[gi, P - len(k):], mask[gi, P - len(k):] = k, 1
         # prefill_rows rather than prefill: the mask stays an array even when no row is padded (one program)
-        first, cache = prefill_rows(*nnx.split(model), jnp.asarray(ids), jnp.asarray(mask), None, 0, logits_to_keep=1,
+        first, cache = prefill_rows(*nnx.split(model), put(ids), put(mask), None, 0, logits_to_keep=1,
                                     rows=batch_size, max_len=bucket(P + max(ext_len, MIN_BUCKET)),
                                     cache_dtype=compute_dtype(model))
         for m0 in range(0, len(members), batch_size):
@@ -108,12 +110,14 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
                 c = requests[r][1]
                 targets[j, :len(c)], valid[j, :len(c)] = c, True
             inputs = np.concatenate([targets[:, :-1], np.full((batch_size, 1), pad_id, np.int32)], axis=1)[:, :ext_len]
-            lp, greedy = _token_scores(first[rows], jnp.asarray(targets[:, :1]), jnp.asarray(valid[:, :1]))
+            lp, greedy = _token_scores(first[rows], put(targets[:, :1]), put(valid[:, :1]))
             sub_cache = _take_rows(cache, rows)
             for w0 in range(0, n - 1, W):  # windows past this sub-batch's longest continuation are skipped
+                # host ids: extend copies them itself (the cache's sharding places the step)
                 logits, sub_cache = extend(model, sub_cache, inputs[:, w0:w0 + W])
                 sl = slice(1 + w0, 1 + w0 + W)
-                s, g = _token_scores(logits, jnp.asarray(targets[:, sl]), jnp.asarray(valid[:, sl]))
+                s, g = _token_scores(logits, put(np.ascontiguousarray(targets[:, sl])),
+                                     put(np.ascontiguousarray(valid[:, sl])))
                 lp, greedy = lp + s, greedy & g
             lp, greedy = jax.device_get((lp, greedy))
             for j, (_, r) in enumerate(sub):
@@ -124,7 +128,7 @@ def score_continuations(model, requests: Sequence[tuple[Sequence[int], Sequence[
 
 
 def score_documents(model, seqs: Sequence[Sequence[int]], *, window: int, batch_size: int = 1, pad_id: int = 0,
-                    progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+                    progress: Callable[[int], None] | None = None, sharding=None) -> list[tuple[float, int]]:
     """(sum over t >= 1 of log p(seq[t] | seq[:t]), number of scored tokens) for each sequence.
 
     The first token of each sequence (a BOS/EOS prefix) is only conditioned on; sequences of one token
@@ -132,7 +136,7 @@ def score_documents(model, seqs: Sequence[Sequence[int]], *, window: int, batch_
     """
     todo = [i for i, s in enumerate(seqs) if len(s) > 1]
     res = score_continuations(model, [(seqs[i][:1], seqs[i][1:]) for i in todo], window=window,
-                              batch_size=batch_size, pad_id=pad_id, progress=progress)
+                              batch_size=batch_size, pad_id=pad_id, progress=progress, sharding=sharding)
     out = [(0.0, 0)] * len(seqs)
     for i, (lp, _) in zip(todo, res):
         out[i] = (lp, len(seqs[i]) - 1)

@@ -32,7 +32,8 @@ Each checkpoint is loaded once (``--dtype``; default "auto": config.json's dtype
 serves both the ``--ppl`` files (the ``ppl`` subcommand's scoring, its inputs read and tokenized once,
 with ``--tokenizer`` or the first checkpoint's, before any model loads) and the ``--tasks`` (the
 ``lm-eval`` subcommand's run; the harness uses each checkpoint's own tokenizer). The model is dropped
-before the next one loads, so the host holds one checkpoint at a time.
+before the next one loads, so the host holds one checkpoint at a time. ``--model-args mesh=fsdp`` (the
+harness's mesh option) places each checkpoint over this host's devices for both.
 
 Outputs, rewritten after every checkpoint (a sweep that dies keeps what it finished): ``OUT.json``
 (``{"source", "settings", "rows"}``), ``OUT.csv`` (the rows) and ``OUT.png`` (one subplot per metric,
@@ -298,7 +299,14 @@ def sweep(args) -> dict:
     from tqdm.auto import tqdm
 
     from olmo_hybrid_jax.eval.commands import _model_args, check_tasks, ppl_inputs, run_tasks, score_ppl
-    from olmo_hybrid_jax.eval.loading import checkpoint_config, load_model
+    from olmo_hybrid_jax.eval.loading import (
+        batch_sharding,
+        checkpoint_config,
+        eval_mesh,
+        load_model,
+        mesh_model_kwargs,
+        shard_model,
+    )
 
     # every check before the first model loads
     if not args.tasks and not args.ppl:
@@ -306,6 +314,14 @@ def sweep(args) -> dict:
     ckpts = assign_tokens(discover(args.checkpoints), per_stage(args.tokens_per_step, "--tokens-per-step"),
                           per_stage(args.stage_offset, "--stage-offset"))
     tm, tasks = check_tasks(args) if args.tasks else (None, [])
+    try:
+        kw = _model_args(argparse.Namespace(**{**vars(args), "checkpoint": None, "step": None, "dtype": None}))
+    except ImportError:  # --ppl alone needs no lm-eval
+        if args.model_args:
+            raise InputError("--model-args needs lm-eval: pip install 'olmo_hybrid_jax[eval]'") from None
+        kw = {}
+    mesh, rules = eval_mesh(kw.get("mesh"), kw.get("fsdp"))  # --model-args mesh=... serves --ppl too
+    sharding = batch_sharding(mesh, rules, args.batch_size)
     loaded = eos = None
     if args.ppl:
         first = ckpts[0]
@@ -337,15 +353,17 @@ def sweep(args) -> dict:
             rows[c.name] = {**done[c.name], **fixed}  # token columns follow this call's options
             continue
         bar.set_postfix_str(c.name)
-        model = load_model(c.path, step=c.run_step, dtype=args.dtype)
+        model = load_model(c.path, step=c.run_step, dtype=args.dtype, **mesh_model_kwargs(mesh, rules))
+        if mesh is not None:
+            model = shard_model(model, mesh, rules)
         ppl_out = lm_out = None
         if loaded is not None:
             window = args.max_length or model.config.max_position_embeddings
-            ppl_out = score_ppl(model, loaded, eos, window=window, batch_size=args.batch_size, quiet=True)
+            ppl_out = score_ppl(model, loaded, eos, window=window, batch_size=args.batch_size, quiet=True,
+                                sharding=sharding)
         if tasks:
             from olmo_hybrid_jax.eval.harness import OlmoHybridLM
 
-            kw = _model_args(argparse.Namespace(**{**vars(args), "checkpoint": None, "step": None, "dtype": None}))
             tok = args.tokenizer or (c.path / "tokenizer.json" if (c.run_step is None and
                                                                     (c.path / "tokenizer.json").is_file()) else None)
             lm = OlmoHybridLM(**{**kw, "pretrained": model, "tokenizer": tok})
