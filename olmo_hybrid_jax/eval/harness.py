@@ -19,6 +19,14 @@ a multiple of the device count) and the GDN op runs per shard. The checkpoint is
 device and then placed, so that device needs room for one whole copy. ``generate_until`` runs with the
 sharded parameters but its rows are not split explicitly.
 
+``batch_size=auto`` (lm-eval's search for the largest batch that fits) is refused: here every batch
+size is its own XLA program (prefill plus extension, tens of seconds to compile for the 7B), so each
+probe costs a compile, and with JAX's preallocated pool an out-of-memory surfaces only when a program
+runs, sometimes leaving the pool fragmented for the next try. Memory is predictable instead: the
+caches hold ``batch_size x (max_length x kv_heads x head_dim x 2 x attention layers + the GDN states)``
+next to the weights, so pick the number once per GPU (64 for the 7B at max_length 4096 on an H200
+is a reasonable start) and reuse it.
+
 Tokenization mirrors lm-eval's ``hf`` backend (``HFLM``) so the numbers are the same: ``TemplateLM``'s
 context/continuation split (trailing context spaces move to the continuation; the continuation is
 the whole encoding minus the context's), the empty context replaced by ``prefix_token_id`` (BOS, else
@@ -81,7 +89,7 @@ class OlmoHybridLM(TemplateLM):
         super().__init__()
         del device, max_batch_size  # lm-eval passes them to every model; JAX places the arrays itself
         if isinstance(batch_size, str) and not batch_size.isdigit():
-            raise ValueError(f"batch_size must be an int (no 'auto' here), got {batch_size!r}")
+            raise ValueError(f"batch_size must be an int (no 'auto': see the harness docstring), got {batch_size!r}")
         self._batch_size = int(batch_size)
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
