@@ -24,8 +24,8 @@ size is its own XLA program (prefill plus extension, tens of seconds to compile 
 probe costs a compile, and with JAX's preallocated pool an out-of-memory surfaces only when a program
 runs, sometimes leaving the pool fragmented for the next try. Memory is predictable instead: the
 caches hold ``batch_size x (max_length x kv_heads x head_dim x 2 x attention layers + the GDN states)``
-next to the weights, so pick the number once per GPU (64 for the 7B at max_length 4096 on an H200
-is a reasonable start) and reuse it.
+next to the weights, so pick the number once per GPU and model (no tested value is recorded here)
+and reuse it.
 
 Tokenization mirrors lm-eval's ``hf`` backend (``HFLM``) so the numbers are the same: ``TemplateLM``'s
 context/continuation split (trailing context spaces move to the continuation; the continuation is
