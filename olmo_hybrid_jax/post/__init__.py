@@ -1,0 +1,1 @@
+"""Post-training: chat data and SFT (``chat``), low-rank adapters (``lora``), preference optimisation (``dpo``)."""
