@@ -8,7 +8,6 @@ the YAMLs load in lm-eval (its prompt is the row's input + " " + gen_prefix; the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -191,10 +190,9 @@ def test_end_to_end_tiny_model(tmp_path):
 
 
 def _cli(argv) -> int:
-    ap = argparse.ArgumentParser()
-    lc.add_parser(ap.add_subparsers(dest="cmd", required=True))
-    args = ap.parse_args(["long-context", *argv])
-    return args.func(args)
+    from olmo_hybrid_jax.eval.__main__ import main  # the project's eval CLI, as a user runs it
+
+    return main(["long-context", *argv])
 
 
 def test_cli_and_bad_input(tmp_path, tok_dir, capsys):

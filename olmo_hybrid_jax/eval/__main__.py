@@ -7,6 +7,8 @@
         [--batch-size 4] [--output ppl.json] FILE...
     python -m olmo_hybrid_jax.eval sweep --checkpoints RUN_OR_FOLDER --output sweep.json [--tasks ...]
         [--ppl FILE ...] [--tokens-per-step [STAGE=]N] [--stage-offset STAGE=TOKENS]
+    python -m olmo_hybrid_jax.eval long-context --out TASKS_DIR [--lengths 4k,8k,...,128k] [--tokenizer CKPT]
+        [--tasks niah_single,...] [--samples 100] [--seed 0]     (RULER-style tasks: see eval/long_context.py)
 
 ``--checkpoint`` is an HF directory, an orbax model directory or a training run directory (latest
 checkpoint, or ``--step N``). lm-eval's own ``lm_eval`` CLI cannot load models from other packages
@@ -88,7 +90,12 @@ def main(argv=None) -> int:
                     help="tokens seen before STAGE's step 0 (default: where stage STAGE-1 ended)")
     sw.add_argument("--dtype", choices=["auto", *sorted(DTYPE_NAMES)], default="auto",
                     help="parameter dtype (default auto: config.json's, as lm-eval)")
+    from olmo_hybrid_jax.eval import long_context
+
+    long_context.add_parser(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "long-context":  # writes task files; no model, no batch options
+        return long_context.main(args)
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
         ap.error("--batch-size and --max-length must be >= 1")
     try:
