@@ -74,7 +74,8 @@ def _to_chunks(x, n_chunks, chunk):
 
 
 def unit_lower_inverse(A):
-    """(I + A)^{-1} for strictly lower triangular A [..., n, n], by recursive 2 x 2 blocking,
+    """(I + A)^{-1} for strictly lower triangular A [..., n, n] (exact zeros on and above the diagonal, which
+    the blocks below reuse), by recursive 2 x 2 blocking,
 
         [[X, 0], [Y, Z]]^{-1} = [[X^-1, 0], [-Z^-1 Y X^-1, Z^-1]],
 
@@ -84,14 +85,17 @@ def unit_lower_inverse(A):
     """
     n = A.shape[-1]
     if n == 1:
-        return jnp.ones_like(A)
+        # 1 - A == 1 (a 1 x 1 diagonal block of a strictly lower A is 0): unlike ones_like it keeps A's
+        # sharding type on explicit mesh axes (jax 0.11's ones_like drops it and the next batched dot refuses)
+        return 1.0 - A
     h = n // 2
     if n % 2 == 0:
         Xi, Zi = unit_lower_inverse(jnp.stack([A[..., :h, :h], A[..., h:, h:]]))
     else:
         Xi, Zi = unit_lower_inverse(A[..., :h, :h]), unit_lower_inverse(A[..., h:, h:])
     Yi = -_einsum("...ij,...jk->...ik", Zi, _einsum("...ij,...jk->...ik", A[..., h:, :h], Xi))
-    top = jnp.concatenate([Xi, jnp.zeros(A.shape[:-2] + (h, n - h), A.dtype)], axis=-1)
+    # A's upper-right block is the zero block (A is strictly lower), with A's sharding type, as above
+    top = jnp.concatenate([Xi, A[..., :h, h:]], axis=-1)
     return jnp.concatenate([top, jnp.concatenate([Yi, Zi], axis=-1)], axis=-2)
 
 
