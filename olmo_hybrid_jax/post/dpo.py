@@ -486,7 +486,7 @@ class DPOTrainer:
         (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, batch, ref_state)
         updates, opt_state = self.tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     def step(self, batch: dict) -> dict:
         """One optimizer step on ``batch`` (ids, mask [P, 2, T]; ref [P, 2] when cached); host metrics."""
