@@ -23,7 +23,7 @@ Prepared data (``prepare``; a folder, written to a temporary name and renamed wh
     tokens.npy          [rows, seq_len] uint16 / uint32: token ids, padding = the pad id
     assistant_mask.npy  [rows, seq_len] bool: the token is an assistant token (a loss target)
     segment_ids.npy     [rows, seq_len] int32: conversation number within the row (padding: one more)
-    index.npy           [conversations, 4] int64: (input line, row, start, length) of each conversation
+    index.npy           [conversations, 4] int64: (input ordinal, row, start, length) of each conversation
     meta.json           format, seq_len, rows, counts, pad / eos ids, vocab size, max token id, template hash
     tokenizer/          tokenizer.json + tokenizer_config.json (with the chat template), for the export
 
@@ -40,10 +40,14 @@ CLI::
 
 from __future__ import annotations
 
+import argparse
 import functools
+import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -355,3 +359,227 @@ def tokenize_conversation(messages: Sequence[dict], template: str, tokenizer, *,
         spans = _prefix_spans(msgs, template, tok, vars, text)
     ids, offsets = tok.encode(text)
     return ids, _spans_to_mask(offsets, spans)
+
+
+# ------------------------------------------------------------------------------------------- packing
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows (lists of item indices, longest first) packing items of ``lengths`` (each <= ``capacity``):
+    longest first, each into the open row with the least room that still fits it, else a new row.
+
+    The open rows are found by their remaining room with a segment tree over 0..capacity (O(log capacity)
+    per item), so a million conversations pack in seconds.
+    """
+    n = 1
+    while n < capacity + 1:
+        n *= 2
+    tree = [0] * (2 * n)  # tree[n + c]: open rows with c free slots; inner nodes: sums
+    buckets: dict[int, list[int]] = {}
+    rows: list[list[int]] = []
+
+    def add(c, delta):
+        k = n + c
+        while k:
+            tree[k] += delta
+            k //= 2
+
+    def first_at_least(c):  # the smallest room >= c held by an open row, or None
+        k = n + c
+        if tree[k]:
+            return c
+        while k > 1:
+            if k % 2 == 0 and tree[k + 1]:
+                k += 1
+                break
+            k //= 2
+        else:
+            return None
+        while k < n:
+            k = 2 * k if tree[2 * k] else 2 * k + 1
+        return k - n
+
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        ln = int(lengths[i])
+        if not 0 < ln <= capacity:
+            raise ValueError(f"item {i} has length {ln}, outside 1..{capacity}")
+        room = first_at_least(ln)
+        if room is None:
+            r = len(rows)
+            rows.append([i])
+        else:
+            r = buckets[room].pop()
+            add(room, -1)
+            rows[r].append(i)
+        left = (capacity if room is None else room) - ln
+        if left > 0:
+            buckets.setdefault(left, []).append(r)
+            add(left, 1)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- prepare
+def read_conversations(path: str | Path) -> Iterator[tuple[int, list[dict]]]:
+    """(line number, messages) of each non-blank line of a JSONL file of ``{"messages": [...]}`` objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise ChatError(f"input file not found: {p}")
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ChatError(f"{p}:{n}: not valid JSON: {e}") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise ChatError(f"{p}:{n}: expected an object with a 'messages' list")
+            yield n, obj["messages"]
+
+
+def _tokenizer_dir_files(tok, template: str) -> dict[str, bytes]:
+    """The tokenizer files the prepared folder (and an export) carries: tokenizer.json as is, and
+    tokenizer_config.json with ``chat_template`` set to the template the data was rendered with."""
+    files = {}
+    config = dict(getattr(tok, "config", None) or {})
+    if isinstance(tok, ByteTokenizer):
+        config.update(tok.special_tokens)
+    elif tok.path is not None:
+        files["tokenizer.json"] = tok.path.read_bytes()
+        stm = tok.path.parent / "special_tokens_map.json"
+        if stm.is_file():
+            files["special_tokens_map.json"] = stm.read_bytes()
+    config["chat_template"] = template
+    files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+    return files
+
+
+def prepare(conversations: Iterable[tuple[int, list[dict]]], template: str, tokenizer, out: str | Path, seq_len: int,
+            *, source: str = "input", skip_bad: bool = False, overwrite: bool = False,
+            progress: bool = False) -> dict:
+    """Tokenize, mask, pack and write ``conversations`` ((line, messages) pairs; a str line is a whole location)
+    to the folder ``out`` (module doc); returns meta.json's contents. A bad conversation raises ChatError naming
+    ``source``:line, or is skipped and counted with ``skip_bad``. index.npy's ordinal counts every input
+    conversation (skipped and dropped ones too). ``out`` must be new, or a prepared folder with ``overwrite``."""
+    from tqdm.auto import tqdm
+
+    tok = _as_tokenizer(tokenizer)
+    out = Path(out)
+    if seq_len < 2:
+        raise ChatError(f"--seq-len must be >= 2, got {seq_len}")
+    if out.exists():
+        if not (out / "meta.json").is_file():
+            raise ChatError(f"{out} exists and is not a prepared chat folder; choose a new --out")
+        if not overwrite:
+            raise ChatError(f"{out} already holds prepared chat data; pass --overwrite to replace it")
+    _compile(template)  # a template that does not compile fails before any work
+    ids_all, mask_all, lines = [], [], []
+    truncated = dropped = skipped = 0
+    for k, (line, messages) in enumerate(tqdm(conversations, unit="conv", disable=not progress, desc="tokenize")):
+        try:
+            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+                raise ChatError("no assistant turn")
+            ids, mask = tokenize_conversation(messages, template, tok)
+        except ChatError as e:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise ChatError(f"{line if isinstance(line, str) else f'{source}:{line}'}: {e}") from e
+        if len(ids) > seq_len:
+            truncated += 1
+            ids, mask = ids[:seq_len], mask[:seq_len]
+        if not mask[1:].any():  # the first token is never a target
+            dropped += 1
+            continue
+        ids_all.append(ids)
+        mask_all.append(mask)
+        lines.append(k)
+    if not ids_all:
+        raise ChatError(f"{source}: no conversation with an assistant token to train on")
+    lengths = [len(a) for a in ids_all]
+    rows = best_fit_decreasing(lengths, seq_len)
+    max_id = max(int(a.max()) for a in ids_all)
+    dt = np.uint16 if max(tok.vocab_size, tok.pad_id + 1) <= 2 ** 16 else np.uint32
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        shape = (len(rows), seq_len)
+        fmt = np.lib.format
+        tokens = fmt.open_memmap(tmp / "tokens.npy", "w+", dt, shape)
+        amask = fmt.open_memmap(tmp / "assistant_mask.npy", "w+", np.bool_, shape)
+        seg = fmt.open_memmap(tmp / "segment_ids.npy", "w+", np.int32, shape)
+        index = np.zeros((len(ids_all), 4), np.int64)
+        for r, items in enumerate(tqdm(rows, unit="row", disable=not progress, desc="pack")):
+            pos = 0
+            for s, i in enumerate(items):
+                n = lengths[i]
+                tokens[r, pos:pos + n] = ids_all[i]
+                amask[r, pos:pos + n] = mask_all[i]
+                seg[r, pos:pos + n] = s
+                index[i] = (lines[i], r, pos, n)
+                pos += n
+            tokens[r, pos:] = tok.pad_id
+            seg[r, pos:] = len(items)  # padding: a segment of its own, never a target
+        for a in (tokens, amask, seg):
+            a.flush()
+        del tokens, amask, seg
+        np.save(tmp / "index.npy", index)
+        meta = {"format": FORMAT, "seq_len": int(seq_len), "rows": len(rows), "conversations": len(ids_all),
+                "tokens": int(sum(lengths)), "assistant_tokens": int(sum(int(m.sum()) for m in mask_all)),
+                "truncated": truncated, "dropped": dropped, "skipped": skipped,
+                "pad_id": int(tok.pad_id), "eos_id": None if tok.eos_id is None else int(tok.eos_id),
+                "vocab_size": int(tok.vocab_size), "max_token_id": max_id,
+                "tokenizer": "bytes" if isinstance(tok, ByteTokenizer) else str(tok.path),
+                "generation_blocks": has_generation_blocks(template),
+                "template_sha256": hashlib.sha256(template.encode()).hexdigest(), "source": source}
+        (tmp / "tokenizer").mkdir()
+        for name, data in _tokenizer_dir_files(tok, template).items():
+            (tmp / "tokenizer" / name).write_bytes(data)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # a prepared folder (checked above), replaced with --overwrite
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m olmo_hybrid_jax.post.chat", description="chat data for SFT")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="JSONL conversations -> packed token / assistant-mask rows")
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json), "
+                                                      "a tokenizer.json, or 'bytes' (the byte-level tiny model)")
+    p.add_argument("--input", required=True, nargs="+", help="JSONL file(s), one {\"messages\": [...]} per line")
+    p.add_argument("--out", required=True, help="output folder (new, or a prepared one with --overwrite)")
+    p.add_argument("--seq-len", type=int, required=True, help="row length (= data.seq_len of the SFT run)")
+    p.add_argument("--template", default=None, help="chat template (.jinja, or a folder / tokenizer_config.json); "
+                                                    "default: the tokenizer's")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad conversations instead of failing")
+    p.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        tok = load_tokenizer(args.tokenizer)
+        template = load_chat_template(args.template or args.tokenizer)
+
+        def convs():
+            for path in args.input:
+                for n, messages in read_conversations(path):
+                    yield (f"{path}:{n}" if len(args.input) > 1 else n), messages
+
+        src = args.input[0] if len(args.input) == 1 else "input"
+        meta = prepare(convs(), template, tok, args.out, args.seq_len, source=src, skip_bad=args.skip_bad,
+                       overwrite=args.overwrite, progress=True)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fill = meta["tokens"] / (meta["rows"] * meta["seq_len"])
+    print(f"wrote {args.out}: {meta['conversations']:,} conversations in {meta['rows']:,} rows x {meta['seq_len']} "
+          f"({fill:.1%} full), {meta['assistant_tokens']:,} assistant tokens; {meta['truncated']} truncated, "
+          f"{meta['dropped']} dropped (no assistant token left), {meta['skipped']} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,12 +41,13 @@ class ModelConfig:
     attention_impl: str = "auto"         # auto | xla | cudnn
     scan_layers: bool = True             # scan over periodic (3 GDN + 1 attention) blocks
     remat: str = "full"                  # none | full | dots | dots_no_batch
-    init_from: str | None = None         # hf:PATH | orbax:PATH (architecture then comes from PATH)
+    init_from: str | None = None         # hf:PATH | orbax:PATH | run:RUN_DIR (architecture then comes from PATH)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     paths: tuple[str, ...] = ("data/pydoc_topics.u8",)  # token files (relative: cwd, then repo root)
+    format: str = "tokens"               # tokens (token files) | chat (post.chat prepare folders: loss on assistant)
     token_dtype: str = "auto"            # auto (.npy header or .u8/.u16/.u32 suffix) | uint8 | uint16 | uint32
     seq_len: int = 256
     global_batch_size: int = 16          # rows per step, across all devices and hosts
@@ -97,6 +98,7 @@ class TrainLoopConfig:
     wandb_project: str = "olmo-hybrid-jax"
     wandb_name: str | None = None        # None: the run folder's name
     wandb_mode: str | None = None        # online | offline | disabled; None: $WANDB_MODE, else online
+    export_hf: bool = False              # at the last step write OUT/hf (HF checkpoint + the chat data's tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +306,10 @@ def validate(cfg: Config) -> None:
         req(v in ("float32", "bfloat16", "float16"), f"model.{name}={v!r}; choose float32, bfloat16 or float16")
     req(cfg.model.attention_impl in ("auto", "xla", "cudnn"), f"model.attention_impl={cfg.model.attention_impl!r}")
     if cfg.model.init_from is not None:
-        req(cfg.model.init_from.split(":", 1)[0] in ("hf", "orbax") and ":" in cfg.model.init_from,
-            f"model.init_from={cfg.model.init_from!r} must be 'hf:PATH' or 'orbax:PATH'")
+        req(cfg.model.init_from.split(":", 1)[0] in ("hf", "orbax", "run") and ":" in cfg.model.init_from,
+            f"model.init_from={cfg.model.init_from!r} must be 'hf:PATH', 'orbax:PATH' or 'run:RUN_DIR'")
+    req(cfg.data.format in ("tokens", "chat"),
+        f"data.format={cfg.data.format!r}; choose tokens (token files) or chat (post.chat prepare folders)")
     req(cfg.data.token_dtype in ("auto", "uint8", "uint16", "uint32", "int32"),
         f"data.token_dtype={cfg.data.token_dtype!r}; choose auto, uint8, uint16, uint32 or int32")
     req(len(cfg.data.paths) > 0, "data.paths is empty")

@@ -13,6 +13,10 @@ position: a document's EOS belongs to it) and per-document ``positions``; with
 ``data.document_aware`` the trainer passes them to the model, so GDN state, short conv and attention
 restart at every document start. Targets are the next token; the last position of a row has none.
 
+``data.format: chat`` reads folders prepared by ``python -m olmo_hybrid_jax.post.chat prepare`` instead
+(``ChatRows``): rows already packed (best-fit, one segment per conversation, see ``post.chat``), with an
+``assistant_mask``; the trainer keeps a target only where it is an assistant token of the same segment.
+
 Order: rows are shuffled with grain's ``MapDataset.shuffle`` (a fresh permutation per epoch, from the
 seed), repeated forever, and every global batch of ``global_batch_size`` consecutive rows is split
 across hosts (host i takes its contiguous block). The iterator's ``get_state()`` (the next batch
@@ -196,10 +200,82 @@ def pack_row(tokens: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
     """tokens [L] -> {tokens, segment_ids, positions} (segment = number of EOS strictly before)."""
     is_eos = tokens == eos_id
     seg = np.concatenate([[0], np.cumsum(is_eos[:-1])]).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": seg, "positions": segment_positions(seg)}
+
+
+def segment_positions(seg: np.ndarray) -> np.ndarray:
+    """Position of each token within its segment ([L] int32; a segment is a run of equal ids)."""
     starts = np.concatenate([[True], seg[1:] != seg[:-1]])
-    idx = np.arange(len(tokens))
+    idx = np.arange(len(seg))
     start_idx = np.maximum.accumulate(np.where(starts, idx, 0))
-    return {"tokens": tokens, "segment_ids": seg, "positions": (idx - start_idx).astype(np.int32)}
+    return (idx - start_idx).astype(np.int32)
+
+
+CHAT_FORMAT = "olmo_hybrid_jax.chat/1"  # post.chat.FORMAT (not imported: it pulls in jinja2)
+
+
+class ChatRows:
+    """Random-access source of the packed rows of prepared chat folders (``post.chat prepare``; grain source).
+
+    Each row: {tokens, segment_ids (one per conversation, padding its own), positions, assistant_mask};
+    the folders' arrays are memory-mapped. Every folder must have been packed at ``seq_len``; with
+    ``vocab_size`` their largest token id (meta.json) is checked against it before any row is read.
+    """
+
+    def __init__(self, paths: Iterable[str], seq_len: int, *, vocab_size: int | None = None):
+        self.seq_len = int(seq_len)
+        self.paths, self.arrays, self.metas, counts = [], [], [], []
+        for path in paths:
+            d = resolve_path(path)
+            mf = d / "meta.json"
+            if not mf.is_file():
+                raise DataError(f"{path}: not a prepared chat folder (no meta.json; run python -m "
+                                "olmo_hybrid_jax.post.chat prepare) - data.format=chat reads those")
+            try:
+                meta = json.loads(mf.read_text())
+                arrs = tuple(np.load(d / f"{k}.npy", mmap_mode="r")
+                             for k in ("tokens", "segment_ids", "assistant_mask"))
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read prepared chat folder {d}: {e}") from e
+            if meta.get("format") != CHAT_FORMAT:
+                raise DataError(f"{mf}: format {meta.get('format')!r}, expected {CHAT_FORMAT!r}")
+            if meta.get("seq_len") != self.seq_len or any(a.shape != arrs[0].shape for a in arrs) or \
+                    arrs[0].ndim != 2 or arrs[0].shape[1] != self.seq_len:
+                raise DataError(f"{path}: rows of {meta.get('seq_len')} tokens, but data.seq_len={self.seq_len}; "
+                                "prepare it again with --seq-len matching")
+            if vocab_size is not None and meta["max_token_id"] >= vocab_size:
+                raise DataError(f"{path}: token id {meta['max_token_id']} is outside the model's vocabulary "
+                                f"(vocab_size {vocab_size}); was it prepared with another tokenizer?")
+            self.paths.append(str(d))
+            self.arrays.append(arrs)
+            self.metas.append(meta)
+            counts.append(arrs[0].shape[0])
+        self.offsets = np.cumsum([0] + counts)
+        self.num_tokens = int(sum(m["tokens"] for m in self.metas))  # conversation tokens, padding excluded
+        self.assistant_tokens = int(sum(m["assistant_tokens"] for m in self.metas))
+        self.conversations = int(sum(m["conversations"] for m in self.metas))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        i = int(i)
+        f = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        tokens, seg, mask = (np.asarray(a[i - int(self.offsets[f])]) for a in self.arrays[f])
+        seg = seg.astype(np.int32)
+        return {"tokens": tokens.astype(np.int32), "segment_ids": seg, "positions": segment_positions(seg),
+                "assistant_mask": mask.astype(np.int32)}
+
+    def __repr__(self) -> str:
+        return f"ChatRows({len(self)} rows x {self.seq_len}, folders={self.paths})"
+
+
+def open_rows(paths, dcfg, eos_id: int, *, vocab_size: int | None = None, max_id_cache: Path | None = None):
+    """The row source of ``data.format``: ``PackedRows`` over token files (tokens) or ``ChatRows`` (chat)."""
+    if dcfg.format == "chat":
+        return ChatRows(paths, dcfg.seq_len, vocab_size=vocab_size)
+    return PackedRows(paths, dcfg.seq_len, eos_id, dcfg.token_dtype, vocab_size=vocab_size,
+                      max_id_cache=max_id_cache)
 
 
 def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
@@ -214,8 +290,7 @@ def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: in
     if GB % process_count:
         raise DataError(f"data.global_batch_size={GB} is not divisible by the {process_count} processes")
     LB = GB // process_count
-    rows = PackedRows(dcfg.paths, dcfg.seq_len, eos_id, dcfg.token_dtype, vocab_size=vocab_size,
-                      max_id_cache=max_id_cache)
+    rows = open_rows(dcfg.paths, dcfg, eos_id, vocab_size=vocab_size, max_id_cache=max_id_cache)
     ds = grain.MapDataset.source(rows)
     if dcfg.shuffle:
         ds = ds.shuffle(seed=dcfg.seed)
@@ -231,15 +306,15 @@ def make_dataset(dcfg, eos_id: int, *, process_index: int = 0, process_count: in
 
 def held_out_batches(paths, dcfg, eos_id: int, *, batch_size: int, batches: int | None, process_index: int = 0,
                      process_count: int = 1, vocab_size: int | None = None, max_id_cache: Path | None = None):
-    """The fixed held-out set of in-loop evaluation: ({tokens, segment_ids, positions} each [batches, this host's
-    rows of a batch, seq_len], the ``PackedRows``). ``batches`` x ``batch_size`` rows evenly spaced over the files
+    """The fixed held-out set of in-loop evaluation: ({tokens, segment_ids, positions[, assistant_mask]} each
+    [batches, this host's rows of a batch, seq_len], the ``PackedRows`` / ``ChatRows`` of ``data.format``).
+    ``batches`` x ``batch_size`` rows evenly spaced over the files
     (``batches`` None: every whole batch they hold), in file order, the same at every evaluation.
     """
     if batch_size % process_count:
         raise DataError(f"eval batches of {batch_size} rows are not divisible by the {process_count} processes")
     try:
-        rows = PackedRows(paths, dcfg.seq_len, eos_id, dcfg.token_dtype, vocab_size=vocab_size,
-                          max_id_cache=max_id_cache)
+        rows = open_rows(paths, dcfg, eos_id, vocab_size=vocab_size, max_id_cache=max_id_cache)
     except DataError as e:
         raise DataError(f"eval.paths: {e}") from e
     have = len(rows) // batch_size

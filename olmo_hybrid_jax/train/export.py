@@ -1,11 +1,15 @@
 """A trained model out of a run directory: as an ``OlmoHybridForCausalLM``, or as an HF checkpoint.
 
-    python -m olmo_hybrid_jax.train.export RUN_DIR HF_DIR [--step N] [--dtype bfloat16] [--overwrite]
+    python -m olmo_hybrid_jax.train.export RUN_DIR HF_DIR [--step N] [--dtype bfloat16] [--overwrite] [--tokenizer DIR]
 
 ``load_run_model(run_dir)`` restores the parameters of a training checkpoint (the latest, or ``step``)
 into an ``OlmoHybridForCausalLM`` in the list layout (``scan_layers=True`` for the scanned one), whatever
 layout the run trained with. The CLI writes with ``convert.save_hf`` (its output folder policy: HF_DIR
-new, or this project's checkpoint replaced with ``--overwrite``; files 0666 & ~umask).
+new, or this project's checkpoint replaced with ``--overwrite``; files 0666 & ~umask) and copies the tokenizer
+files (tokenizer.json, tokenizer_config.json with its chat template, special_tokens_map.json) from ``--tokenizer``,
+by default from the run's chat data (``data.format: chat``: the first folder's ``tokenizer/``), so the folder
+loads with ``AutoTokenizer`` and ``apply_chat_template``. ``train.export_hf: true`` does the same at the end of
+a run (``export_params``, into RUN/hf).
 """
 
 from __future__ import annotations
@@ -56,6 +60,47 @@ def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs)
     return from_list_params(trainer.mcfg, params, **kwargs)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def run_tokenizer_dir(cfg) -> Path | None:
+    """The tokenizer files that travel with a run's export: its chat data's ``tokenizer/`` (None: tokens data)."""
+    if cfg.data.format != "chat":
+        return None
+    from olmo_hybrid_jax.train.data import resolve_path
+
+    d = resolve_path(cfg.data.paths[0]) / "tokenizer"
+    return d if d.is_dir() else None
+
+
+def copy_tokenizer_files(src: str | Path, hf_dir: str | Path) -> list[str]:
+    """Copy ``TOKENIZER_FILES`` present in ``src`` into ``hf_dir``; the names copied."""
+    import shutil
+
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {src}")
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    for n in names:
+        shutil.copyfile(src / n, Path(hf_dir) / n)
+    return names
+
+
+def export_params(trainer, params, hf_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                  dtype=None, overwrite: bool = False) -> Path:
+    """Write host ``params`` (the training layout of ``trainer``) as an HF checkpoint plus tokenizer files."""
+    from olmo_hybrid_jax.convert import save_hf
+
+    if trainer.scanned:
+        params = stacked_to_list(params, trainer.mcfg)
+    kwargs = {**trainer.kw, "scan_layers": False, "remat": "none", "gdn_shard_axes": None, "gdn_mesh": None}
+    out = save_hf(from_list_params(trainer.mcfg, params, **kwargs), hf_dir, dtype=dtype, overwrite=overwrite,
+                  progress=False)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, out)
+    return out
+
+
 def main(argv=None) -> int:
     from olmo_hybrid_jax.convert import DTYPE_NAMES, check_output_dir, dtype_arg, save_hf
 
@@ -66,11 +111,22 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", type=dtype_arg, default=None,
                     help=f"dtype of the written tensors: {', '.join(DTYPE_NAMES)} (default: fp32 master weights)")
     ap.add_argument("--overwrite", action="store_true", help="replace this project's checkpoint in HF_DIR")
+    ap.add_argument("--tokenizer", default=None, help="folder of tokenizer files to copy (default: the run's chat "
+                                                      "data tokenizer/, if any)")
     args = ap.parse_args(argv)
     try:
         check_output_dir(args.hf_dir, args.overwrite)  # refuse before restoring anything
+        tok = Path(args.tokenizer) if args.tokenizer else None
+        if tok is not None and not tok.is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {tok}")
         model = load_run_model(args.run_dir, args.step)
         out = save_hf(model, args.hf_dir, dtype=args.dtype, overwrite=args.overwrite)
+        if tok is None and (Path(args.run_dir) / "config.yaml").is_file():
+            from olmo_hybrid_jax.train.config import load_config
+
+            tok = run_tokenizer_dir(load_config(Path(args.run_dir) / "config.yaml"))
+        if tok is not None:
+            copy_tokenizer_files(tok, out)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

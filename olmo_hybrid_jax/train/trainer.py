@@ -58,13 +58,21 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------- model
 def model_config(cfg: Config) -> OlmoHybridConfig:
-    """The architecture: ``init_from``'s config.json if set, else the preset, plus ``model.overrides``."""
+    """The architecture: ``init_from``'s config.json (run:RUN_DIR: the run's config.yaml) if set, else the preset,
+    plus ``model.overrides``."""
     m = cfg.model
     if m.init_from:
         kind, path = m.init_from.split(":", 1)
         from olmo_hybrid_jax.train.data import resolve_path
 
         p = resolve_path(path)
+        if kind == "run":
+            if not (p / "config.yaml").is_file():
+                raise ConfigError(f"model.init_from={m.init_from!r}: {p} is not a training run (no config.yaml)")
+            from olmo_hybrid_jax.train.config import load_config
+
+            base = model_config(load_config(p / "config.yaml"))
+            return _with_overrides(base, m)
         cfg_file = p / "config.json" if p.is_dir() else p
         if not cfg_file.is_file():
             raise ConfigError(f"model.init_from={m.init_from!r}: no config.json at {cfg_file}")
@@ -81,6 +89,10 @@ def model_config(cfg: Config) -> OlmoHybridConfig:
                 have = sorted(q.stem for q in PRESET_DIR.glob("*.json"))
                 raise ConfigError(f"model.preset={m.preset!r} is neither a preset {have} nor an HF config path")
             base = OlmoHybridConfig.from_hf(p)
+    return _with_overrides(base, m)
+
+
+def _with_overrides(base: OlmoHybridConfig, m) -> OlmoHybridConfig:
     ov = dict(m.overrides)
     if ov:
         fields = {f.name for f in dataclasses.fields(OlmoHybridConfig)}
@@ -120,7 +132,8 @@ def gdn_sharding(cfg: Config, mesh, rules) -> dict:
 
 
 def load_init_params(cfg: Config, mcfg: OlmoHybridConfig, scanned: bool) -> dict:
-    """Pure-dict params (host) from ``model.init_from`` (hf:PATH or orbax:PATH) in the training layout."""
+    """Pure-dict params (host) from ``model.init_from`` (hf:PATH, orbax:PATH or run:RUN_DIR, the run's latest
+    checkpoint) in the training layout."""
     from olmo_hybrid_jax import convert
     from olmo_hybrid_jax.train.data import resolve_path
 
@@ -128,7 +141,12 @@ def load_init_params(cfg: Config, mcfg: OlmoHybridConfig, scanned: bool) -> dict
     p = resolve_path(path)
     dt = DTYPES[cfg.model.param_dtype]
     log(f"initialising from {kind} checkpoint {p}")
-    model = convert.load_hf(p, dtype=dt) if kind == "hf" else convert.load_orbax(p, dtype=dt)
+    if kind == "run":
+        from olmo_hybrid_jax.train.export import load_run_model
+
+        model = load_run_model(p, param_dtype=dt)
+    else:
+        model = convert.load_hf(p, dtype=dt) if kind == "hf" else convert.load_orbax(p, dtype=dt)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return list_to_stacked(pure, mcfg) if scanned else pure
 
@@ -247,6 +265,23 @@ class Trainer:
         mask = jnp.broadcast_to(jnp.arange(T) < T - 1, (B, T))
         return labels, mask
 
+    def batch_targets(self, batch):
+        """(labels, mask) of a batch: ``targets``; with an ``assistant_mask`` (``data.format: chat``) a target is
+        kept only where the next token is an assistant token of the same segment (labels -100 elsewhere, in
+        transformers' terms)."""
+        labels, mask = self.targets(batch["tokens"])
+        if "assistant_mask" in batch:
+            nxt = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731  (position t scores token t + 1)
+            seg = batch["segment_ids"]
+            mask = mask & (nxt(batch["assistant_mask"]) > 0) & (nxt(seg) == seg)
+        return labels, mask
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """The arrays of a batch (``device_batch``, the step's input shardings)."""
+        base = ("tokens", "segment_ids", "positions")
+        return base + ("assistant_mask",) if self.cfg.data.format == "chat" else base
+
     def loss_fn(self, params, batch, count=None):
         """(CE + z_loss * z, (CE, z)): sums over ``batch``'s valid targets divided by ``count``, which
         defaults to their number (the mean). A microbatch comes with its rows' ``labels`` and ``mask``
@@ -268,7 +303,7 @@ class Trainer:
         doc = cfg.data.document_aware
         h = model.model(tokens, positions=batch["positions"] if doc else None,
                         segment_ids=batch["segment_ids"] if doc else None, act_sharding=self.act_sharding)
-        labels, mask = (batch["labels"], batch["mask"]) if "mask" in batch else self.targets(tokens)
+        labels, mask = (batch["labels"], batch["mask"]) if "mask" in batch else self.batch_targets(batch)
         total, ce_sum, z_sum = cross_entropy_sums(h, model.lm_head_kernel(), labels, mask, z_loss=cfg.optim.z_loss,
                                                   chunk=cfg.train.loss_chunk, compute_dtype=cdt,
                                                   logits_sharding=self.logits_sharding)
@@ -278,7 +313,7 @@ class Trainer:
     def accumulated_grads(self, params, batch):
         """(loss, (CE, z)), grads of the whole batch, computed one microbatch at a time (lax.scan)."""
         n = self.cfg.train.grad_accum_steps
-        labels, mask = self.targets(batch["tokens"])  # of the whole batch, then cut with its rows
+        labels, mask = self.batch_targets(batch)  # of the whole batch, then cut with its rows
         count = token_count(mask)  # the step's normaliser, known before any forward
 
         def split(x):  # [B, T] -> [n, B/n, T]; microbatch i = rows i, i+n, ...: each device's rows stay local
@@ -311,7 +346,7 @@ class Trainer:
             params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
         metrics = {"loss": ce, "total_loss": loss, "z_loss": z, "grad_norm": opt_state.last_grad_norm,
                    "lr": self.schedule(state["step"] + 1), "skipped": opt_state.last_skipped,
-                   "skipped_total": opt_state.skipped}
+                   "skipped_total": opt_state.skipped, "target_tokens": token_count(self.batch_targets(batch)[1])}
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1)).astype(jnp.uint32)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}, metrics
 
@@ -319,7 +354,7 @@ class Trainer:
     def step_fn(self):
         if self._step_fn is None:
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            bs = {"tokens": self.batch_sharding, "segment_ids": self.batch_sharding, "positions": self.batch_sharding}
+            bs = {k: self.batch_sharding for k in self.batch_keys}
             self._step_fn = jax.jit(self.train_step, in_shardings=(self.state_sharding, bs),
                                     out_shardings=(self.state_sharding, rep), donate_argnums=0)
         return self._step_fn
@@ -327,13 +362,13 @@ class Trainer:
     def eval_step(self, params, batch):
         """(sum of CE, number of targets) of one held-out batch: ``loss_fn``'s math, without the z-loss term."""
         _, (ce_sum, _) = self.loss_fn(params, batch, count=1.0)
-        return ce_sum, token_count(self.targets(batch["tokens"])[1])
+        return ce_sum, token_count(self.batch_targets(batch)[1])
 
     @property
     def eval_fn(self):
         if self._eval_fn is None:
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            bs = {k: self.eval_batch_sharding for k in ("tokens", "segment_ids", "positions")}
+            bs = {k: self.eval_batch_sharding for k in self.batch_keys}
             self._eval_fn = jax.jit(self.eval_step, in_shardings=(self.state_sharding["params"], bs),
                                     out_shardings=(rep, rep))
         return self._eval_fn
@@ -362,7 +397,7 @@ class Trainer:
         GB, L = self.cfg.data.global_batch_size, self.cfg.data.seq_len
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(host_batch[k], np.int32),
                                                           (GB, L))
-                for k in ("tokens", "segment_ids", "positions")}
+                for k in self.batch_keys}
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -483,6 +518,9 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
                  if cfg.train.grad_accum_steps > 1 else "")
         log(f"data: {len(rows):,} rows x {cfg.data.seq_len} from {rows.num_tokens:,} tokens in {len(rows.paths)} "
             f"file(s); global batch {cfg.data.global_batch_size}{accum}; document_aware={cfg.data.document_aware}")
+        if cfg.data.format == "chat":
+            log(f"chat data: {rows.conversations:,} conversations, {rows.assistant_tokens:,} assistant tokens; "
+                f"{len(rows) / cfg.data.global_batch_size:,.1f} steps per epoch")
         if held_out is not None:
             nb = held_out["tokens"].shape[0]
             log(f"eval: every {cfg.eval.every} steps, {nb} batch(es) x {trainer.micro_batch_size} rows x "
@@ -542,7 +580,8 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
         tps = tokens_per_step / dt if dt > 0 else None
         row = {"step": step, "loss": float(m["loss"]), "total_loss": float(m["total_loss"]),
                "z_loss": float(m["z_loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-               "skipped": bool(m["skipped"]), "tokens": step * tokens_per_step, "step_time_s": dt,
+               "skipped": bool(m["skipped"]), "tokens": step * tokens_per_step,
+               "target_tokens": int(m["target_tokens"]), "step_time_s": dt,
                "tokens_per_s": tps, "tokens_per_s_per_device": tps / ndev if tps else None,
                "mfu": (tps * trainer.flops_per_token / (ndev * trainer.peak)) if (tps and trainer.peak) else None,
                **(evaluated or {})}
@@ -612,10 +651,13 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
         writer.close()
         ckpt.close()
     reached = last_row.get("step", start_step)
+    exported = None
+    if cfg.train.export_hf and stopped_by is None and reached == total:
+        exported = _export_at_end(trainer, state, out)
     summary = {"last": last_row, "start_step": start_step, "steps": reached, "steps_run": reached - start_step,
                "last_finite_loss": last_finite[1] if last_finite else None, "stopped_by": stopped_by,
                "resumed_from": resumed_from, "unrestorable": [int(p.name.split(".")[0]) for p in moved],
-               "wall_s": time.time() - t_start}
+               "wall_s": time.time() - t_start, "exported": exported}
     loss = f"last finite loss {last_finite[1]:.4f} (step {last_finite[0]})" if last_finite else "no finite loss"
     unsaved = (f"; step {reached} was not checkpointed (non-finite or skipped)"
                if last_row and _is_bad(last_row) else "")
@@ -623,6 +665,24 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
         f"{summary['steps_run']} step(s) this run, {loss}, {summary['wall_s']:.1f}s; "
         f"checkpoints {ckpt.all_steps()} in {ck_dir}{unsaved}")
     return summary
+
+
+def _export_at_end(trainer: Trainer, state, out: Path) -> Path:
+    """``train.export_hf``: the final parameters as an HF checkpoint in OUT/hf (replaced if there), with the chat
+    data's tokenizer files (``export.export_params``)."""
+    from olmo_hybrid_jax.train.export import export_params, run_tokenizer_dir
+
+    params = state["params"]
+    if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_get(params)
+    hf = out / "hf"
+    if jax.process_index() == 0:
+        export_params(trainer, params, hf, tokenizer_dir=run_tokenizer_dir(trainer.cfg), overwrite=True)
+        log(f"exported the step-{trainer.cfg.train.steps} model to {hf}")
+    return hf
 
 
 def _remove_if_created(out: Path | None, ck_dir: Path | None) -> None:
