@@ -142,7 +142,8 @@ def test_metrics_on_a_hand_made_batch():
 def test_a_few_steps_increase_the_margin(ckpt):
     _, ours, _ = ckpt
     ids, mask = _batch(P=2, seed=2)
-    model = nnx.merge(*nnx.split(ours))  # a copy: the trainer donates its parameters
+    graphdef, state = nnx.split(ours)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # a copy: the trainer donates its parameters
     tr = dpo.DPOTrainer(model, dpo.DPOConfig(beta=0.1, lr=3e-3, reference="on-the-fly"))
     batch = {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask)}
     rows = [tr.step(batch) for _ in range(5)]
@@ -287,3 +288,19 @@ def test_cli_bad_input_is_one_line(ckpt, tmp_path, capsys):
     fails(["--init-from", f"hf:{path}", "--beta", "0"] + base, "beta=0.0 must be positive")
     fails(["--init-from", f"hf:{path}", "--loss-type", "ipo", "--label-smoothing", "0.1"] + base, "sigmoid loss only")
     assert not (tmp_path / "run").exists()
+
+
+def test_reference_cache_key_and_read_back(tmp_path):
+    prefs = _write_prefs(tmp_path / "prefs.jsonl", n=2)
+    data = dpo.encode_pairs(dpo.read_preferences(prefs), chat.BYTE_TEMPLATE, chat.load_tokenizer("bytes"), max_len=64)
+    key = dpo.reference_cache_path(prefs, data, "model-a")
+    assert key.parent == tmp_path and key.name.startswith("prefs.jsonl.ref-") and key.suffix == ".npy"
+    assert dpo.reference_cache_path(prefs, data, "model-b") != key  # another reference checkpoint
+    other = dpo.encode_pairs(dpo.read_preferences(prefs), chat.BYTE_TEMPLATE, chat.load_tokenizer("bytes"),
+                             max_len=80)
+    assert dpo.reference_cache_path(prefs, other, "model-a") != key  # another encoding
+    _write_prefs(prefs, n=3)
+    assert dpo.reference_cache_path(prefs, data, "model-a") != key  # other data
+    want = np.array([[-1.0, -2.0], [-3.0, -4.0]], np.float32)
+    np.save(key, want)
+    np.testing.assert_array_equal(dpo.cached_reference_logprobs(None, data, key), want)  # no model needed

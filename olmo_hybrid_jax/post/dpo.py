@@ -458,6 +458,7 @@ class DPOTrainer:
     ``trainable_filter`` picks the trained variables (``nnx.Param``; with LoRA, the adapters' type);
     everything else is frozen. ``reference_state``: for ``reference="on-the-fly"``, the trainable state of
     the reference (None: the starting trainable state, copied; with LoRA pass the adapters switched off).
+    The trainable arrays are donated to the first step: ``model`` itself is spent (use ``trainer.model()``).
     """
 
     def __init__(self, model, cfg: DPOConfig, *, trainable_filter=nnx.Param, reference_state=None):
