@@ -158,6 +158,8 @@ def encode_completion(prompt: list[dict], completion: list[dict], template: str,
         raise PreferenceDataError(f"{where}: the chat template's rendering of prompt + completion does not start "
                                   f"with the prompt's rendering with the generation prompt")
     p, c = _encode(tokenizer, prefix), _encode(tokenizer, full[len(prefix):])
+    if not p:  # the first completion token is predicted from the prompt's last
+        raise PreferenceDataError(f"{where}: the prompt renders to no tokens")
     if not c:
         raise PreferenceDataError(f"{where}: the completion renders to no tokens")
     return p, c
