@@ -304,3 +304,28 @@ def test_reference_cache_key_and_read_back(tmp_path):
     want = np.array([[-1.0, -2.0], [-3.0, -4.0]], np.float32)
     np.save(key, want)
     np.testing.assert_array_equal(dpo.cached_reference_logprobs(None, data, key), want)  # no model needed
+
+
+def test_lora_dpo_trains_the_adapters_against_the_base(ckpt):
+    lora = pytest.importorskip("olmo_hybrid_jax.post.lora")
+    _, ours, _ = ckpt
+    ids, mask = _batch(P=2, seed=3)
+    graphdef, state = nnx.split(ours)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    lm_head = np.asarray(model.lm_head.kernel[...])
+    filt, names = dpo.add_lora(model, lora.LoraConfig(rank=4, alpha=8.0, targets=("attention", "gdn")))
+    assert "layers.0.linear_attn.q_proj" in names and "layers.3.self_attn.o_proj" in names
+    beta = 0.1
+    tr = dpo.DPOTrainer(model, dpo.DPOConfig(beta=beta, lr=1e-2, reference="on-the-fly"), trainable_filter=filt,
+                        reference_state=dpo.adapters_off)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(tr.ref_state))
+    rows = [tr.step({"ids": jnp.asarray(ids), "mask": jnp.asarray(mask)}) for _ in range(4)]
+    margins = [r["rewards/margins"] for r in rows]
+    assert abs(margins[0]) < 1e-5 and margins[-1] > margins[1] > 0, margins
+    # the reference (policy log-prob - reward / beta) stays the base model's while the adapters move
+    ref_c = [r["logps/chosen"] - r["rewards/chosen"] / beta for r in rows]
+    np.testing.assert_allclose(ref_c, ref_c[0], rtol=1e-5)
+    trained = tr.model()
+    np.testing.assert_array_equal(np.asarray(trained.lm_head.kernel[...]), lm_head)  # the base is frozen
+    merged = lora.merge_lora(trained)
+    assert not lora.has_lora(merged)

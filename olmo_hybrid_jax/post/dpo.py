@@ -28,7 +28,7 @@ Reference log-probs: from the frozen starting model, computed once over the data
 ``.npy`` next to the data, named by a hash of the data file, the reference checkpoint's files (or its
 parameters) and the encoding settings (``reference_logprobs``, ``cached_reference_logprobs``); or on the
 fly each step (``reference="on-the-fly"``: a second copy of the starting parameters for full fine-tuning;
-with LoRA the same weights with the adapters off, see ``LORA HOOK`` below).
+with LoRA (``post.lora``, ``--lora``) the base model, i.e. the same weights with zero adapters, no copy).
 
 Losses (``dpo_loss``, TRL's DPOTrainer definitions, h = (pi_c - ref_c) - (pi_r - ref_r)):
 sigmoid ``-(1-eps) log sigma(beta h) - eps log sigma(-beta h)`` (eps = label smoothing, cDPO),
@@ -457,9 +457,10 @@ def make_optimizer(cfg: DPOConfig, trainable) -> optax.GradientTransformation:
 class DPOTrainer:
     """A model, its trainable part (all parameters, or the LoRA adapters) and the jit-compiled DPO step.
 
-    ``trainable_filter`` picks the trained variables (``nnx.Param``; with LoRA, the adapters' type);
+    ``trainable_filter`` picks the trained variables (``nnx.Param``; with LoRA ``lora.LoraParam``, the adapters);
     everything else is frozen. ``reference_state``: for ``reference="on-the-fly"``, the trainable state of
-    the reference (None: the starting trainable state, copied; with LoRA pass the adapters switched off).
+    the reference, or a function of the starting one (None: a copy of it, a second copy of the weights for
+    full fine-tuning; with LoRA pass ``adapters_off``: the base model, no copy).
     The trainable arrays are donated to the first step: ``model`` itself is spent (use ``trainer.model()``).
     """
 
@@ -470,7 +471,8 @@ class DPOTrainer:
         self.opt_state = self.tx.init(self.trainable)
         self.ref_state = None
         if cfg.reference == "on-the-fly":
-            self.ref_state = jax.tree.map(jnp.copy, self.trainable) if reference_state is None else reference_state
+            ref = (lambda t: jax.tree.map(jnp.copy, t)) if reference_state is None else reference_state
+            self.ref_state = ref(self.trainable) if callable(ref) else ref
         self.step_count = 0
         self._step = jax.jit(self._step_impl, donate_argnums=(0, 2))
 
@@ -524,15 +526,29 @@ def make_batch(data: PreferenceData, idx: np.ndarray, ref: np.ndarray | None = N
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
-# LORA HOOK: olmo_hybrid_jax.post.lora (apply_lora / split_adapters / merge_lora) is used when present;
-# the reference of a LoRA run is the base model (adapters off), so the cached reference is computed
-# before the adapters are applied and no second copy of the weights is kept.
+# With LoRA (olmo_hybrid_jax.post.lora) the reference is the base model, i.e. the adapters off: the cached
+# reference is computed before the adapters are added, the on-the-fly one runs the adapted model with zero
+# adapters (``adapters_off``); the base weights exist once either way.
 def _lora_module():
     try:
         from olmo_hybrid_jax.post import lora
     except ImportError:
         return None
     return lora
+
+
+def adapters_off(adapters):
+    """Zero adapters shaped like ``adapters`` (lora_a = lora_b = 0: the adapted model computes the base's)."""
+    return jax.tree.map(jnp.zeros_like, adapters)
+
+
+def add_lora(model, lora_cfg, *, seed: int = 0) -> tuple[Any, list[str]]:
+    """(the trainable filter, adapted module names) after adding ``lora_cfg``'s adapters to ``model`` in place."""
+    lora = _lora_module()
+    if lora is None:
+        raise ValueError("LoRA needs olmo_hybrid_jax.post.lora, which this checkout does not have")
+    names = lora.apply_lora(model, lora_cfg, rngs=nnx.Rngs(seed))
+    return lora.LoraParam, names
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -575,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all parameters")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
-    ap.add_argument("--lora-targets", default=None, help="comma-separated module names (default: lora.py's)")
+    ap.add_argument("--lora-targets", default=None,
+                    help="comma-separated presets / names / patterns (lora.py's; default: all)")
     ap.add_argument("--export-hf", default=None, help="write the trained model here as an HF checkpoint")
     ap.add_argument("--overwrite", action="store_true", help="reuse a run folder / replace an exported checkpoint")
     ap.add_argument("--log-every", type=int, default=1)
@@ -622,6 +639,10 @@ def main(argv=None) -> int:
         lora = _lora_module() if args.lora else None
         if args.lora and lora is None:
             raise ValueError("--lora needs olmo_hybrid_jax.post.lora, which this checkout does not have")
+        lora_cfg = None
+        if lora is not None:
+            targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else ("all",)
+            lora_cfg = lora.LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
         if not Path(args.data).is_file():
             raise FileNotFoundError(f"--data {args.data}: no such file")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -646,10 +667,14 @@ def main(argv=None) -> int:
                      reference_cache_path(args.data, data, checkpoint_fingerprint(ckpt_dir), extra))
         ref = cached_reference_logprobs(model, data, cache, batch_pairs=args.batch_pairs, chunk=args.loss_chunk,
                                         log=_log)
-    filt = nnx.Param
-    ref_state = None
-    if lora is not None:
-        model, filt, ref_state = _apply_lora(lora, model, args)
+    filt, ref_state = nnx.Param, None
+    if lora_cfg is not None:
+        try:
+            filt, names = add_lora(model, lora_cfg, seed=args.seed)
+        except ValueError as e:
+            return _error(str(e))
+        ref_state = adapters_off
+        _log(f"LoRA rank {lora_cfg.rank} on {len(names)} modules")
     trainer = DPOTrainer(model, cfg, trainable_filter=filt, reference_state=ref_state)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dpo.json").write_text(json.dumps({"args": vars(args), "data": st, "config": dataclasses.asdict(cfg)},
@@ -667,11 +692,6 @@ def main(argv=None) -> int:
     if args.export_hf:
         _export(trainer, lora, args, None if tok_spec == "bytes" else Path(tok_spec))
     return 0
-
-
-def _apply_lora(lora, model, args) -> tuple[Any, Any, Any]:
-    """(model with adapters, the adapters' filter, their switched-off state for on-the-fly references)."""
-    raise NotImplementedError("LoRA: waiting for olmo_hybrid_jax.post.lora")
 
 
 def _export(trainer: DPOTrainer, lora, args, tok_dir: Path | None) -> None:
