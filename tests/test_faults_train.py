@@ -239,6 +239,12 @@ def test_resume_require_and_failed_setups_leave_no_folder(tmp_path, capsys, monk
     assert main(cli(out, "--resume", "require")) == 2
     assert main(cli(out, "data.paths=[/nonexistent/tokens.u16]")) == 2
     assert "data file not found: /nonexistent/tokens.u16" in capsys.readouterr().err
+    # a mesh larger than the devices: one line, no traceback
+    n = len(jax.devices())
+    assert main(cli(out, f"mesh.fsdp={2 * n}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: mesh data*fsdp*context*tensor = {2 * n} but there are {n} devices "
+                   "(set one of mesh.data/fsdp/context/tensor to -1 to fill)"], err
     # model.init_from that does not fit (convert's one-line error): exit 2, no traceback
     from olmo_hybrid_jax import convert
 

@@ -177,8 +177,11 @@ class Trainer:
         validate(cfg)  # load_config did, but a Config may be built or replaced by hand
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir is not None else None
-        self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
-                                  context=cfg.mesh.context)
+        try:
+            self.mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices,
+                                      context=cfg.mesh.context)
+        except ValueError as e:  # mesh sizes that do not fit the devices: a config problem, one line
+            raise ConfigError(str(e)) from None
         self.rules = shd.merged_rules(cfg.mesh.rules)
         self.mcfg = model_config(cfg)
         dc = cfg.data
