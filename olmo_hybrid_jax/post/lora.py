@@ -259,7 +259,7 @@ def apply_lora(model: OlmoHybridForCausalLM, cfg: LoraConfig, *, rngs: nnx.Rngs)
     module that already has adapters.
     """
     selected = _select(_adaptable(model), cfg.targets)
-    for path, mod, ns in selected:
+    for _, mod, ns in selected:
         if isinstance(mod, (LoraLinear, LoraShortConv)):
             raise ValueError(f"LoRA: {ns[0]} already has adapters (merge_lora first)")
     for path, mod, _ in selected:
