@@ -90,6 +90,8 @@ def test_zero_b_gives_the_base_logits_exactly(scan):
     ref = _base_logits(scan)
     names = apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=EVERYTHING), rngs=nnx.Rngs(1))
     assert len(names) == 2 * 13 + 2 * 7 + 1 and has_lora(model)  # GDN 7 + 3 convs + MLP 3; attn 4 + MLP 3; head
+    n = len(jax.tree.leaves(nnx.state(model, LoraParam)))
+    assert n == len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) == 2 * (21 if scan else 41)  # NNX's filter too
     np.testing.assert_array_equal(np.asarray(model(IDS)), ref)
     _, adapters, _ = split_adapters(model)
     b_leaves = [x for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(adapters))[0]
@@ -271,6 +273,16 @@ def test_adapter_checkpoint_round_trips_across_layouts():
     load_adapter_params(back, adapter_params(flat))
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(back, LoraParam)),
                  nnx.to_pure_dict(nnx.state(scanned, LoraParam)))
+    # a target set that leaves a stacked slot without adapters (slot 0 holds the GDN layers) round-trips too
+    attn = LoraConfig(rank=2, alpha=4.0, targets="attention")
+    one, two = _model(scan=True), _model(scan=True)
+    apply_lora(one, attn, rngs=nnx.Rngs(1))
+    _perturb(one)
+    apply_lora(two, attn, rngs=nnx.Rngs(2))
+    assert sorted(adapter_params(one)["model"]["layers"]) == [1, 3]
+    load_adapter_params(two, adapter_params(one))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(two, LoraParam)),
+                 nnx.to_pure_dict(nnx.state(one, LoraParam)))
     other = _model()
     apply_lora(other, LoraConfig(rank=2, alpha=4.0, targets="mlp"), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="adapter params do not fit"):

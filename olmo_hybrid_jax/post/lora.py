@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from olmo_hybrid_jax.model import OlmoHybridForCausalLM, layer_period, list_to_stacked, stacked_to_list
+from olmo_hybrid_jax.model import OlmoHybridForCausalLM, layer_period
 from olmo_hybrid_jax.modules import ShortConv
 
 Array = jax.Array
@@ -291,12 +291,33 @@ def split_adapters(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.Stat
     return nnx.split(model, LoraParam, ...)
 
 
+def _stacked_to_list(pure: dict, cfg) -> dict:
+    """``model/blocks/layers/{j}`` [G, ...] -> ``model/layers/{g*p+j}``, for the slots ``pure`` has (an adapter
+    tree need not cover every layer kind, unlike ``model.stacked_to_list``'s full parameter trees)."""
+    p = layer_period(cfg.layer_types)
+    model = dict(pure["model"])
+    slots = model.pop("blocks")["layers"]
+    layers = {g * p + j: jax.tree.map(lambda x, g=g: x[g], sub) for j, sub in slots.items()
+              for g in range(cfg.num_hidden_layers // p)}
+    return {**pure, "model": {**model, "layers": dict(sorted(layers.items()))}}
+
+
+def _list_to_stacked(pure: dict, cfg) -> dict:
+    """The inverse of ``_stacked_to_list``: layer i goes to slot i % p, stacked in g order."""
+    p = layer_period(cfg.layer_types)
+    model = dict(pure["model"])
+    layers = {int(i): sub for i, sub in model.pop("layers").items()}
+    slots = {j: jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers) if i % p == j])
+             for j in sorted({i % p for i in layers})}
+    return {**pure, "model": {**model, "blocks": {"layers": slots}}}
+
+
 def adapter_params(model: OlmoHybridForCausalLM) -> dict:
     """The adapters as a pure dict in the list layout (``model/layers/{i}/.../lora_a``), whatever ``model``'s
     layout: what an adapter-only checkpoint stores."""
     pure = nnx.to_pure_dict(nnx.state(model, LoraParam))
     if model.scan_layers and "blocks" in pure.get("model", {}):
-        pure = stacked_to_list(pure, model.config)
+        pure = _stacked_to_list(pure, model.config)
     return pure
 
 
@@ -304,7 +325,10 @@ def load_adapter_params(model: OlmoHybridForCausalLM, params: dict) -> None:
     """Set ``model``'s adapters (already added with the same targets and rank) from ``adapter_params``'s
     dict, in place, for either layout. Raises ValueError when the trees differ."""
     if model.scan_layers and "layers" in params.get("model", {}):
-        params = list_to_stacked(params, model.config)
+        try:
+            params = _list_to_stacked(params, model.config)
+        except (ValueError, TypeError) as e:  # a layer missing from a slot: the stacks do not line up
+            raise ValueError(f"adapter params do not fit the model's scanned layout: {e}") from None
     state = nnx.state(model, LoraParam)
     have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
     got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
