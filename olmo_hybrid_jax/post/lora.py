@@ -23,7 +23,8 @@ LoRA stacks commonly skip the GDN's fused ``in_proj_ba`` and its convs). ``all``
 of the decoder (GDN q/k/v/a/b/g/o, attention q/k/v/o, MLP gate/up/down); the short convs are opt-in
 (preset ``conv``): they are depthwise 4-tap filters with few parameters, and rank-r factors of a [4, C]
 kernel are a different kind of adapter than a projection's. In the scanned layout one module holds every
-G-th layer, so a pattern must select all or none of the layers of a stacked module (else ValueError).
+p-th layer (p = the period of ``layer_types``), so a pattern must select all or none of the layers of a
+stacked module (else ValueError).
 
 Training (frozen base): ``graphdef, adapters, base = split_adapters(model)``; differentiate and optimise
 ``adapters`` only (``jax.grad`` of ``lambda a: loss(nnx.merge(graphdef, a, base))``, optimizer state
@@ -42,7 +43,9 @@ dtype (``dtype``, else promoted), and the adapter output is cast to the base out
 Why not qwix (the JAX ecosystem's LoRA / QLoRA, tunix's): tried 0.1.8 with flax 0.12.8 / jax 0.10.2. It
 intercepts ``dot_general`` while tracing a sample forward and creates ``kernel_lora_a/b`` on the fly. On the
 list layout that works (all GDN projections included), but (1) on the scanned layout ``apply_lora_to_model``
-fails (IndexError: the params would be created inside ``lax.scan`` over a merged copy of the blocks);
+fails inside the model's ``lax.scan`` over the stacked blocks (IndexError in ``_infer_scan_length``: qwix puts
+an unstacked leaf into the blocks' state), and params made while tracing the scan body would land on a
+merged copy of the blocks, not on the model;
 (2) the short convs are elementwise products, not a dot/conv op, so qwix cannot adapt them, and a rule
 whose regex matches nothing is silently a no-op; (3) adapters take the base kernel's dtype (no fp32 adapters
 on a bf16 base unless quantised); (4) there is no merge. Dropout is not offered here yet (``dropout`` must
