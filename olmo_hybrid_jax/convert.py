@@ -542,6 +542,10 @@ def save_hf(model: OlmoHybridForCausalLM, path: str | os.PathLike, *, dtype=None
     """
     from safetensors.numpy import save_file
 
+    adapters = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+    if adapters:  # the release layout has no place for them: writing would silently drop the fine-tune
+        raise ValueError(f"save_hf: the model holds {len(adapters)} LoRA adapter arrays; fold them into the "
+                         "weights first (olmo_hybrid_jax.post.lora.merge_lora)")
     path = Path(path)
     dtype = canonical_dtype(dtype)
     check_output_dir(path, overwrite)

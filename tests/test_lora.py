@@ -123,6 +123,11 @@ def test_merged_equals_unmerged_and_loads_in_transformers(scan, tmp_path):
     _perturb(model)
     unmerged = np.asarray(model(IDS))
     assert rel_l2(unmerged, _base_logits(scan)) > 1e-2  # the adapters do change the function
+    from olmo_hybrid_jax.convert import save_hf
+
+    with pytest.raises(ValueError, match="holds .* LoRA adapter arrays; fold them into the weights first"):
+        save_hf(model, tmp_path / "unmerged", progress=False)  # would drop the fine-tune
+    assert not (tmp_path / "unmerged").exists()
     assert merge_lora(model) is model and not has_lora(model) and not lora_modules(model)
     assert set(nnx.to_flat_state(nnx.state(model)).paths) == base_paths  # the base model's tree again
     layer = model.model.decoder_layers()[0].linear_attn
@@ -130,9 +135,7 @@ def test_merged_equals_unmerged_and_loads_in_transformers(scan, tmp_path):
     np.testing.assert_allclose(np.asarray(model(IDS)), unmerged, rtol=1e-5, atol=1e-5)
     if not scan:
         return  # one export suffices (save_hf writes the list layout either way): the scanned one, the harder
-    pytest.importorskip("torch")
     from hf_utils import hf_from_pretrained, hf_logits
-    from olmo_hybrid_jax.convert import save_hf
 
     hf = hf_from_pretrained(save_hf(model, tmp_path / "merged", progress=False))
     assert rel_l2(hf_logits(hf, np.asarray(IDS)), unmerged) < 1e-4
