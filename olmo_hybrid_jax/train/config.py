@@ -42,6 +42,7 @@ class ModelConfig:
     scan_layers: bool = True             # scan over periodic (3 GDN + 1 attention) blocks
     remat: str = "full"                  # none | full | dots | dots_no_batch
     init_from: str | None = None         # hf:PATH | orbax:PATH | run:RUN_DIR (architecture then comes from PATH)
+    lora: Mapping[str, Any] | None = None  # None: full fine-tuning; {rank, alpha, targets, adapter_dtype}: LoRA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,8 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
-_FREE_MAPPINGS = {("model", "overrides"), ("model", "gdn_kernel"), ("mesh", "rules")}  # validated downstream
+# validated downstream
+_FREE_MAPPINGS = {("model", "overrides"), ("model", "gdn_kernel"), ("model", "lora"), ("mesh", "rules")}
 
 
 def _to_plain(x):
@@ -213,7 +215,8 @@ def _merge(dst: dict, src: Mapping, source: str, prefix: str = "") -> None:
         if path in _FREE_MAPPINGS:
             if v is not None and not isinstance(v, Mapping):
                 raise ConfigError(f"{source}: {key} must be a mapping, got {v!r}")
-            dst[k] = {**dst[k], **(v or {})}
+            # model.lora=null switches LoRA off; otherwise keys merge into what is there
+            dst[k] = None if v is None and path == ("model", "lora") else {**(dst[k] or {}), **(v or {})}
         elif isinstance(dst[k], dict):
             if not isinstance(v, Mapping):
                 raise ConfigError(f"{source}: {key} is a section; give it a mapping, got {v!r}")
@@ -308,6 +311,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.init_from is not None:
         req(cfg.model.init_from.split(":", 1)[0] in ("hf", "orbax", "run") and ":" in cfg.model.init_from,
             f"model.init_from={cfg.model.init_from!r} must be 'hf:PATH', 'orbax:PATH' or 'run:RUN_DIR'")
+    lora_config(cfg.model)
+    req(cfg.model.lora is None or cfg.model.init_from is not None,
+        "model.lora needs model.init_from (adapters on randomly initialised weights train a random model)")
     req(cfg.data.format in ("tokens", "chat"),
         f"data.format={cfg.data.format!r}; choose tokens (token files) or chat (post.chat prepare folders)")
     req(cfg.data.token_dtype in ("auto", "uint8", "uint16", "uint32", "int32"),
@@ -390,6 +396,39 @@ def gdn_kernel_config(m: ModelConfig):
         return PallasConfig(**kwargs)
     except ValueError as e:
         raise ConfigError(f"model.gdn_kernel: {e}") from e
+
+
+LORA_KEYS = ("rank", "alpha", "targets", "adapter_dtype")
+
+
+def lora_config(m: ModelConfig):
+    """``model.lora`` as a ``post.lora.LoraConfig`` (None: LoRA off); rank and alpha are required."""
+    if m.lora is None:
+        return None
+    import jax.numpy as jnp
+
+    from olmo_hybrid_jax.post.lora import LoraConfig
+
+    d = dict(m.lora)
+    bad = sorted(set(d) - set(LORA_KEYS))
+    if bad:
+        raise ConfigError(f"model.lora: unknown key {bad[0]!r}{_suggest(str(bad[0]), LORA_KEYS)}")
+    missing = [k for k in ("rank", "alpha") if k not in d]
+    if missing:
+        raise ConfigError(f"model.lora needs {' and '.join(missing)} (e.g. {{rank: 16, alpha: 32, targets: [all]}})")
+    rank = _coerce(d["rank"], int, "model.lora.rank")
+    alpha = _coerce(d["alpha"], float, "model.lora.alpha")
+    targets = _coerce(d.get("targets", ["all"]), tuple[str, ...], "model.lora.targets")
+    dt = d.get("adapter_dtype", "float32")
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if dt not in dtypes:
+        raise ConfigError(f"model.lora.adapter_dtype={dt!r}; choose float32 or bfloat16")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"model.lora.alpha must be a finite number > 0, got {alpha}")
+    try:
+        return LoraConfig(rank=rank, alpha=alpha, targets=targets, adapter_dtype=dtypes[dt])
+    except ValueError as e:
+        raise ConfigError(f"model.lora: {e}") from None
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -10,6 +10,10 @@ files (tokenizer.json, tokenizer_config.json with its chat template, special_tok
 by default from the run's chat data (``data.format: chat``: the first folder's ``tokenizer/``), so the folder
 loads with ``AutoTokenizer`` and ``apply_chat_template``. ``train.export_hf: true`` does the same at the end of
 a run (``export_params``, into RUN/hf).
+
+A LoRA run (``model.lora``) checkpoints its adapters only: the base comes from its ``model.init_from`` again
+(refused when its weights are not the ones the checkpoint records), the adapters are merged into it
+(``post.lora.merge_lora``) and the result is a plain model / HF checkpoint.
 """
 
 from __future__ import annotations
@@ -49,15 +53,36 @@ def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs)
         if step not in steps:
             raise ValueError(f"no checkpoint for step {step} in {run_dir / 'checkpoints'}; have {sorted(steps)}")
         trainer = Trainer(cfg)
-        state, _, _ = ckpt.restore(step, _abstract_with_shardings(trainer))
+        state, _, meta = ckpt.restore(step, _abstract_with_shardings(trainer))
     finally:
         ckpt.close()
     params = jax.device_get(state["params"])
+    if trainer.lora is not None:
+        from olmo_hybrid_jax.train.config import ConfigError
+        from olmo_hybrid_jax.train.trainer import check_lora_base
+
+        trainer.load_base()
+        try:
+            check_lora_base(trainer, meta, f"checkpoint step {step} in {run_dir / 'checkpoints'}")
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        params = merged_params(trainer, params, jax.device_get(trainer.base))
     if trainer.scanned:
         params = stacked_to_list(params, trainer.mcfg)
     kwargs = {**trainer.kw, "scan_layers": False, "remat": "none", "gdn_shard_axes": None, "gdn_mesh": None,
               **model_kwargs}
     return from_list_params(trainer.mcfg, params, **kwargs)
+
+
+def merged_params(trainer, adapters, base) -> dict:
+    """The plain model's params (pure dict, ``trainer``'s layout) of a LoRA run: ``base`` with ``adapters``
+    folded into its kernels (``post.lora.merge_lora``, summed in fp32, stored in the base's dtype)."""
+    from flax import nnx
+
+    from olmo_hybrid_jax.post.lora import merge_lora
+
+    model = merge_lora(nnx.merge(trainer.graphdef, adapters, base))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

@@ -65,6 +65,7 @@ PARAM_AXES: list[tuple[str, tuple]] = [
     (r"_conv1d/kernel$", ("conv_tap", "heads")),
     (r"(A_log|dt_bias)$", ("gate_heads",)),
     (r"(norm|layernorm)/weight$", ("norm",)),
+    (r"lora_[ab]$", (None, None)),  # LoRA factors (post.lora): rank-r, small, replicated
 ]
 
 

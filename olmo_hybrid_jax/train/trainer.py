@@ -23,6 +23,13 @@ document-aware or not, the same chunked CE; the z-loss term is left out of the r
 with the step's shardings, compiled at the first evaluation. It reads the parameters only: the training
 rng, the data iterator and the step's losses are those of a run without it. Its time is kept out of the
 step's throughput; the values go into that step's metrics row (``eval/loss``, ``eval/ppl``, ...).
+
+LoRA (``model.lora``): the model is built and loaded from ``model.init_from`` as for full fine-tuning, then
+``post.lora.apply_lora`` adds the adapters (B = 0: the first step's loss is the base model's). The state's
+``params`` (and so the AdamW moments and the checkpoints) are the adapters only; the frozen base
+(``Trainer.base``, in ``model.param_dtype``, sharded by the same rules) is a separate, non-donated argument of
+the step and the evaluation, loaded from ``init_from`` again on resume. The checkpoint meta records the
+base (``init_from`` and a checksum of its weights); resuming onto another base is a ConfigError.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from flax import nnx
 from olmo_hybrid_jax.config import OlmoHybridConfig
 from olmo_hybrid_jax.model import OlmoHybridForCausalLM, list_to_stacked
 from olmo_hybrid_jax.train import sharding as shd
-from olmo_hybrid_jax.train.config import Config, ConfigError, dump_yaml, gdn_kernel_config, validate
+from olmo_hybrid_jax.train.config import Config, ConfigError, dump_yaml, gdn_kernel_config, lora_config, validate
 from olmo_hybrid_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from olmo_hybrid_jax.train.loss import cross_entropy_sums, token_count
 from olmo_hybrid_jax.train.optim import make_optimizer
@@ -152,6 +159,17 @@ def load_init_params(cfg: Config, mcfg: OlmoHybridConfig, scanned: bool) -> dict
 
 
 # ------------------------------------------------------------------------------------------- state
+def base_checksum(base) -> list[float]:
+    """[sum, sum |x|, sum x^2] of every leaf of the frozen LoRA base (fp32 per leaf, fp64 over leaves): a cheap
+    fingerprint that tells two bases apart (same architecture, different weights) without hashing the files."""
+    @jax.jit
+    def stats(tree):
+        return [jnp.stack([jnp.sum(x), jnp.sum(jnp.abs(x)), jnp.sum(x * x)])
+                for x in (leaf.astype(jnp.float32) for leaf in jax.tree.leaves(tree))]
+
+    return [float(v) for v in np.sum(np.asarray(jax.device_get(stats(base)), np.float64), axis=0)]
+
+
 def state_shardings(abstract_state, mesh, rules):
     """Shardings for the whole train state: params and param-shaped optimizer leaves by the rules
     table (matched on the path suffix), everything else (scalars, ring buffers) replicated."""
@@ -200,16 +218,29 @@ class Trainer:
         attn = shd.attention_shardings(self.mesh, self.rules, batch=mb, seq=dc.seq_len, head_dim=mc.head_dim,
                                        num_heads=mc.num_attention_heads, num_kv_heads=mc.num_key_value_heads)
         self.kw = {**model_kwargs(cfg), **gdn_sharding(cfg, self.mesh, self.rules), "attn_shardings": attn}
-        abstract = nnx.eval_shape(lambda: OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(0), **self.kw))
+        self.lora = lora_config(cfg.model)
+        abstract = nnx.eval_shape(self._build_model)
         self.scanned = abstract.scan_layers
-        self.graphdef, abstract_state = nnx.split(abstract)
-        self.abstract_params = nnx.to_pure_dict(abstract_state)
-        self.param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
+        self.base = None  # the frozen LoRA base (load_base); None without LoRA
+        if self.lora is not None:
+            from olmo_hybrid_jax.post.lora import lora_modules, split_adapters
+
+            self.lora_modules = lora_modules(abstract)
+            self.graphdef, adapters, base = split_adapters(abstract)
+            self.abstract_params = nnx.to_pure_dict(adapters)  # what is trained, optimised and checkpointed
+            self.abstract_base = nnx.to_pure_dict(base)
+        else:
+            self.graphdef, abstract_state = nnx.split(abstract)
+            self.abstract_params = nnx.to_pure_dict(abstract_state)
+            self.abstract_base = {}
+        self.trainable_count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_params))
+        self.param_count = self.trainable_count + sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_base))
         self.tx, self.schedule = make_optimizer(cfg.optim, self.abstract_params)
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
         self.abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
                                "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
         self.state_sharding = state_shardings(self.abstract_state, self.mesh, self.rules)
+        self.base_sharding = state_shardings(self.abstract_base, self.mesh, self.rules)
         self.batch_sharding = shd.activation_sharding(self.mesh, self.rules, ("batch", "seq"),
                                                       (dc.global_batch_size, dc.seq_len))
         # activations live per microbatch (the whole batch when grad_accum_steps = 1)
@@ -230,6 +261,26 @@ class Trainer:
         self._step_fn = None
         self._eval_fn = None
 
+    def _build_model(self) -> OlmoHybridForCausalLM:
+        """A freshly initialised model (under jit / eval_shape), with the LoRA adapters when configured."""
+        m = OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(self.cfg.train.seed), **self.kw)
+        if self.lora is not None:
+            from olmo_hybrid_jax.post.lora import apply_lora
+
+            try:
+                apply_lora(m, self.lora, rngs=nnx.Rngs(self.cfg.train.seed + 1))
+            except ValueError as e:  # a target that adapts nothing in this model: a config problem
+                raise ConfigError(f"model.lora.targets: {e}") from None
+        return m
+
+    def load_base(self):
+        """Load the frozen LoRA base from ``model.init_from`` into ``self.base`` (once); returns it."""
+        if self.base is None:
+            host = load_init_params(self.cfg, self.mcfg, self.scanned)
+            self.base = jax.tree.map(lambda x, s: jax.device_put(x, s), host, self.base_sharding)
+            self.base_fingerprint = {"init_from": self.cfg.model.init_from, "checksum": base_checksum(self.base)}
+        return self.base
+
     def _model_eos(self) -> int:
         eos = self.mcfg.eos_token_id
         if isinstance(eos, (tuple, list)):
@@ -243,15 +294,16 @@ class Trainer:
         """Fresh state, created directly in its shardings (never whole on one device)."""
         cfg = self.cfg
         seed = cfg.train.seed
-        if cfg.model.init_from:
+        if self.lora is not None:
+            self.load_base()
+            params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(self._build_model(), nnx.LoRAParam)),
+                             out_shardings=self.state_sharding["params"])()
+        elif cfg.model.init_from:
             host = load_init_params(cfg, self.mcfg, self.scanned)
             params = jax.tree.map(lambda x, s: jax.device_put(x, s), host, self.state_sharding["params"])
         else:
-            def init_params():
-                m = OlmoHybridForCausalLM(self.mcfg, rngs=nnx.Rngs(seed), **self.kw)
-                return nnx.to_pure_dict(nnx.state(m))
-
-            params = jax.jit(init_params, out_shardings=self.state_sharding["params"])()
+            params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(self._build_model())),
+                             out_shardings=self.state_sharding["params"])()
 
         def rest(params):
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
@@ -285,23 +337,25 @@ class Trainer:
         base = ("tokens", "segment_ids", "positions")
         return base + ("assistant_mask",) if self.cfg.data.format == "chat" else base
 
-    def loss_fn(self, params, batch, count=None):
+    def loss_fn(self, params, batch, count=None, base=None):
         """(CE + z_loss * z, (CE, z)): sums over ``batch``'s valid targets divided by ``count``, which
         defaults to their number (the mean). A microbatch comes with its rows' ``labels`` and ``mask``
-        (cut from the whole batch's) and passes the whole step's count."""
+        (cut from the whole batch's) and passes the whole step's count. With LoRA ``params`` are the
+        adapters and ``base`` the frozen rest."""
         cfg = self.cfg
         cdt = DTYPES[cfg.model.compute_dtype]
+        weights = params if base is None else base  # adapters stay in their dtype: the modules cast them
         if cdt != DTYPES[cfg.model.param_dtype]:
             # matrices in the compute dtype before use: FSDP gathers move half the bytes; numerically
             # the same as the modules' own casts. 1-D params (norms, A_log, dt_bias) stay fp32.
-            params = jax.tree.map(lambda p: p.astype(cdt) if p.ndim >= 2 else p, params)
+            weights = jax.tree.map(lambda p: p.astype(cdt) if p.ndim >= 2 else p, weights)
         # the embedding table gathered over its hidden dim before the lookup, as FSDP gathers every matrix
         # before its matmul: with the table's fsdp-sharded hidden dim, the SPMD partitioner would replicate
         # the whole batch's gradient for the scatter-add ("Involuntary full rematerialization" under HSDP)
-        emb = params["model"]["embed_tokens"]
+        emb = weights["model"]["embed_tokens"]
         emb = {**emb, "embedding": jax.lax.with_sharding_constraint(emb["embedding"], self.embed_lookup_sharding)}
-        params = {**params, "model": {**params["model"], "embed_tokens": emb}}
-        model = nnx.merge(self.graphdef, params)
+        weights = {**weights, "model": {**weights["model"], "embed_tokens": emb}}
+        model = nnx.merge(self.graphdef, weights) if base is None else nnx.merge(self.graphdef, params, weights)
         tokens = batch["tokens"]
         doc = cfg.data.document_aware
         h = model.model(tokens, positions=batch["positions"] if doc else None,
@@ -313,7 +367,7 @@ class Trainer:
         count = token_count(mask) if count is None else count
         return total / count, (ce_sum / count, z_sum / count)
 
-    def accumulated_grads(self, params, batch):
+    def accumulated_grads(self, params, batch, base=None):
         """(loss, (CE, z)), grads of the whole batch, computed one microbatch at a time (lax.scan)."""
         n = self.cfg.train.grad_accum_steps
         labels, mask = self.batch_targets(batch)  # of the whole batch, then cut with its rows
@@ -329,7 +383,7 @@ class Trainer:
 
         def body(carry, micro):
             acc, ce_acc, z_acc = carry
-            (_, (ce, z)), g = jax.value_and_grad(self.loss_fn, has_aux=True)(params, micro, count)
+            (_, (ce, z)), g = jax.value_and_grad(self.loss_fn, has_aux=True)(params, micro, count, base)
             acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
             return (jax.lax.with_sharding_constraint(acc, grad_sharding), ce_acc + ce, z_acc + z), None
 
@@ -339,11 +393,11 @@ class Trainer:
         grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
         return (ce + self.cfg.optim.z_loss * z, (ce, z)), grads
 
-    def train_step(self, state, batch):
+    def train_step(self, state, batch, base=None):
         if self.cfg.train.grad_accum_steps == 1:
-            (loss, (ce, z)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch)
+            (loss, (ce, z)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], batch, None, base)
         else:
-            (loss, (ce, z)), grads = self.accumulated_grads(state["params"], batch)
+            (loss, (ce, z)), grads = self.accumulated_grads(state["params"], batch, base)
         with jax.named_scope("optimizer"):
             updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], loss=ce)
             params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
@@ -353,18 +407,24 @@ class Trainer:
         rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1)).astype(jnp.uint32)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}, metrics
 
+    def _with_base(self, fn):
+        """``fn(a, b)`` of a step or evaluation: with LoRA the jitted ``fn(a, b, base)`` given ``self.base``."""
+        return fn if self.lora is None else (lambda a, b: fn(a, b, self.load_base()))
+
     @property
     def step_fn(self):
+        """``(state, batch) -> (state, metrics)``, jitted, the state donated (the LoRA base is not)."""
         if self._step_fn is None:
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             bs = {k: self.batch_sharding for k in self.batch_keys}
-            self._step_fn = jax.jit(self.train_step, in_shardings=(self.state_sharding, bs),
-                                    out_shardings=(self.state_sharding, rep), donate_argnums=0)
+            ins = (self.state_sharding, bs) + ((self.base_sharding,) if self.lora is not None else ())
+            self._step_fn = self._with_base(jax.jit(self.train_step, in_shardings=ins,
+                                                    out_shardings=(self.state_sharding, rep), donate_argnums=0))
         return self._step_fn
 
-    def eval_step(self, params, batch):
+    def eval_step(self, params, batch, base=None):
         """(sum of CE, number of targets) of one held-out batch: ``loss_fn``'s math, without the z-loss term."""
-        _, (ce_sum, _) = self.loss_fn(params, batch, count=1.0)
+        _, (ce_sum, _) = self.loss_fn(params, batch, 1.0, base)
         return ce_sum, token_count(self.batch_targets(batch)[1])
 
     @property
@@ -372,8 +432,8 @@ class Trainer:
         if self._eval_fn is None:
             rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             bs = {k: self.eval_batch_sharding for k in self.batch_keys}
-            self._eval_fn = jax.jit(self.eval_step, in_shardings=(self.state_sharding["params"], bs),
-                                    out_shardings=(rep, rep))
+            ins = (self.state_sharding["params"], bs) + ((self.base_sharding,) if self.lora is not None else ())
+            self._eval_fn = self._with_base(jax.jit(self.eval_step, in_shardings=ins, out_shardings=(rep, rep)))
         return self._eval_fn
 
     def evaluate(self, params, held_out: dict) -> dict:
@@ -414,8 +474,26 @@ class TrainingDiverged(RuntimeError):
 
 
 def _meta(trainer: Trainer) -> dict:
-    return {"config": trainer.cfg.to_dict(), "model_config": trainer.mcfg.to_hf(),
+    meta = {"config": trainer.cfg.to_dict(), "model_config": trainer.mcfg.to_hf(),
             "layout": "scanned" if trainer.scanned else "list", "param_count": trainer.param_count}
+    if trainer.lora is not None:  # the adapters mean nothing without their base: record which one it was
+        meta["lora_base"] = trainer.base_fingerprint
+    return meta
+
+
+def check_lora_base(trainer: Trainer, meta: dict, where: str) -> None:
+    """ConfigError (one line) when ``trainer``'s loaded LoRA base is not the one ``meta``'s adapters were trained
+    on (checksums differ beyond summation-order noise); a moved base folder is only logged."""
+    saved = meta.get("lora_base")
+    if trainer.lora is None or saved is None:
+        return
+    now = trainer.base_fingerprint
+    if not np.allclose(saved["checksum"], now["checksum"], rtol=1e-5, atol=0):
+        raise ConfigError(f"{where} holds LoRA adapters trained on the base {saved['init_from']!r}; "
+                          f"model.init_from={now['init_from']!r} has other weights (checksum {now['checksum'][1]:.6g} "
+                          f"vs {saved['checksum'][1]:.6g}): set model.init_from to that base")
+    if saved["init_from"] != now["init_from"]:
+        log(f"LoRA base: {now['init_from']!r} has the weights of the checkpoint's base {saved['init_from']!r}")
 
 
 def _resume_mode(resume) -> str | None:
@@ -517,6 +595,11 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
         log(f"model: {trainer.param_count / 1e6:,.2f}M params, {trainer.mcfg.num_hidden_layers} layers, layout "
             f"{'scanned' if trainer.scanned else 'list'}, remat {cfg.model.remat}, compute {cfg.model.compute_dtype}; "
             f"{trainer.flops_per_token:.3e} train FLOPs/token")
+        if trainer.lora is not None:
+            lc = trainer.lora
+            log(f"LoRA: rank {lc.rank}, alpha {lc.alpha:g} on {len(trainer.lora_modules)} modules "
+                f"(targets {list(lc.targets)}); {trainer.trainable_count / 1e6:,.3f}M trainable params "
+                f"({100 * trainer.trainable_count / trainer.param_count:.2f}%), base frozen in {cfg.model.param_dtype}")
         accum = (f" ({cfg.train.grad_accum_steps} microbatches of {trainer.micro_batch_size})"
                  if cfg.train.grad_accum_steps > 1 else "")
         log(f"data: {len(rows):,} rows x {cfg.data.seq_len} from {rows.num_tokens:,} tokens in {len(rows.paths)} "
@@ -532,7 +615,13 @@ def run(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, max_bad
 
         start_step = 0
         if latest is not None:
-            fits = lambda s, m, shapes: _check_fits(trainer, ck_dir, s, m, shapes)
+            if trainer.lora is not None:
+                trainer.load_base()  # the adapters' base is checked against the checkpoint's before restoring
+
+            def fits(s, m, shapes):
+                _check_fits(trainer, ck_dir, s, m, shapes)
+                check_lora_base(trainer, m, f"checkpoint step {s} in {ck_dir}")
+
             resumed_from, state, saved_meta, failed = ckpt.restore_newest(
                 _abstract_with_shardings(trainer), check=fits, use_data=data_iter.set_state, log=log)
             _warn_config_drift(saved_meta.get("config", {}), cfg)
@@ -675,12 +764,16 @@ def _export_at_end(trainer: Trainer, state, out: Path) -> Path:
     data's tokenizer files (``export.export_params``)."""
     from olmo_hybrid_jax.train.export import export_params, run_tokenizer_dir
 
-    params = state["params"]
+    params = state["params"] if trainer.lora is None else {"adapters": state["params"], "base": trainer.base}
     if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.device_get(params)
+    if trainer.lora is not None:
+        from olmo_hybrid_jax.train.export import merged_params
+
+        params = merged_params(trainer, params["adapters"], params["base"])
     hf = out / "hf"
     if jax.process_index() == 0:
         export_params(trainer, params, hf, tokenizer_dir=run_tokenizer_dir(trainer.cfg), overwrite=True)
