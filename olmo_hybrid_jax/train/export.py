@@ -77,11 +77,13 @@ def load_run_model(run_dir: str | Path, step: int | None = None, **model_kwargs)
 def merged_params(trainer, adapters, base) -> dict:
     """The plain model's params (pure dict, ``trainer``'s layout) of a LoRA run: ``base`` with ``adapters``
     folded into its kernels (``post.lora.merge_lora``, summed in fp32, stored in the base's dtype)."""
+    import jax.numpy as jnp
     from flax import nnx
 
     from olmo_hybrid_jax.post.lora import merge_lora
 
-    model = merge_lora(nnx.merge(trainer.graphdef, adapters, base))
+    as_jax = lambda t: jax.tree.map(jnp.asarray, t)  # noqa: E731  (host numpy is read-only: merge_lora writes)
+    model = merge_lora(nnx.merge(trainer.graphdef, as_jax(adapters), as_jax(base)))
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
