@@ -32,7 +32,7 @@ def bases(tmp_path_factory):
     from olmo_hybrid_jax.convert import save_hf
 
     root = tmp_path_factory.mktemp("lora")
-    mcfg = OlmoHybridConfig.preset("tiny")
+    mcfg = OlmoHybridConfig.preset("tiny").replace(num_hidden_layers=8, layer_types=None)  # 2 blocks: scannable
     for name, seed in (("base", 7), ("other", 8)):
         save_hf(OlmoHybridForCausalLM(mcfg, rngs=nnx.Rngs(seed)), root / name, progress=False)
     chat.prepare(enumerate(CONVS), chat.load_chat_template("bytes"), chat.load_tokenizer("bytes"), root / "data", SEQ)
@@ -74,6 +74,7 @@ def test_first_step_is_the_base_model_and_only_adapters_train(bases, scan):
     base, _, data = bases
     cfg = lora_config(base, data, f"model.scan_layers={str(scan).lower()}", "optim.warmup_steps=0")
     tr = Trainer(cfg)
+    assert tr.scanned == scan
     batch = first_batch(tr)
     state = tr.init_state()
     want = load_init_params(cfg, tr.mcfg, tr.scanned)
@@ -116,6 +117,7 @@ def test_checkpoint_holds_only_adapters(lora_run):
     finally:
         ck.close()
     arrays = [k for k, s in shapes.items() if len(s) >= 2]
+    assert any("blocks" in k for k in arrays)  # the scanned layout: stacked adapters [G, ...]
     assert arrays and all(k.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for k in arrays), arrays
     assert {k.split("/")[0] for k in shapes} == {"step", "params", "opt_state", "rng"}
     assert not any("kernel" in k or "embedding" in k or "weight" in k for k in shapes)
