@@ -217,7 +217,7 @@ def _fla_check(torch, fn, shp, seg):
     ct = torch.tensor(check_cotangent(shp).reshape(o.shape), device="cuda")
     (o.float() * ct).sum().backward()
     out = [o] + [t.grad for t in ts]
-    return {n: x.float().reshape((B, T) + tuple(x.shape[2:])).cpu().numpy() for n, x in zip(CHECK_NAMES, out)}
+    return {n: x.detach().float().reshape((B, T) + tuple(x.shape[2:])).cpu().numpy() for n, x in zip(CHECK_NAMES, out)}
 
 
 def _fla_times(torch, triton, fn, shp, seg):
