@@ -70,7 +70,8 @@ def test_config_validation():
     assert load_config(CONFIG_DIR / "sft_lora_tiny.yaml", [*base, "model.lora=null"]).model.lora is None
 
 
-@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [True, False])
 def test_first_step_is_the_base_model_and_only_adapters_train(bases, scan):
     from olmo_hybrid_jax.train.trainer import Trainer, load_init_params
 
