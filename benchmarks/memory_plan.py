@@ -34,12 +34,11 @@ def plan(config: str, overrides: list[str]) -> dict:
     import jax.numpy as jnp
 
     from olmo_hybrid_jax.train.config import load_config
-    from olmo_hybrid_jax.train.trainer import Trainer
+    from olmo_hybrid_jax.train.trainer import Trainer, _abstract_with_shardings
 
     cfg = load_config(REPO / config if not Path(config).is_absolute() else config, overrides)
     tr = Trainer(cfg)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            tr.abstract_state, tr.state_sharding)
+    abstract = _abstract_with_shardings(tr)
     GB, T = cfg.data.global_batch_size, cfg.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((GB, T), jnp.int32, sharding=tr.batch_sharding)
              for k in ("tokens", "segment_ids", "positions")}
