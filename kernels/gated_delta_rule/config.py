@@ -57,7 +57,7 @@ class PallasConfig:
     num_warps_bwd_walk: int = 4
     num_stages_walk: int = 2
     num_warps_grad: int = 8
-    num_stages_grad: int = 1
+    num_stages_grad: int = 2  # 2.01 vs 2.31 ms fwd+bwd with 1 at 1x8192x30x96x192 (RESULTS.md, issue 17)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -99,4 +99,9 @@ PALLAS_VARIANTS: dict[str, PallasConfig] = {
     "wide_v": PallasConfig(block_v_walk=64, block_v=16, block_v_fused=32),
     "fused_2_stages": PallasConfig(num_stages_fused=2),
     "walk_8_warps": PallasConfig(num_warps_walk=8, num_warps_bwd_walk=8),
+    # Pipelining of the loads (4 / 16 warps and block_v=32 for gdn_bwd_grads lost: RESULTS.md, issue 17).
+    "grads_1_stage": PallasConfig(num_stages_grad=1),
+    "grads_3_stages": PallasConfig(num_stages_grad=3),
+    "walk_3_stages": PallasConfig(num_stages_walk=3),
+    "wu_2_stages": PallasConfig(num_stages_wu=2),
 }
