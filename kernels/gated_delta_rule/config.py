@@ -57,7 +57,7 @@ class PallasConfig:
     num_warps_bwd_walk: int = 4
     num_stages_walk: int = 2
     num_warps_grad: int = 8
-    num_stages_grad: int = 2  # 2.01 vs 2.31 ms fwd+bwd with 1 at 1x8192x30x96x192 (RESULTS.md, issue 17)
+    num_stages_grad: int = 3  # fwd+bwd 1.98 / 2.01 / 2.28 ms with 3 / 2 / 1 at 1x8192x30x96x192 (RESULTS.md, issue 17)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -101,7 +101,7 @@ PALLAS_VARIANTS: dict[str, PallasConfig] = {
     "walk_8_warps": PallasConfig(num_warps_walk=8, num_warps_bwd_walk=8),
     # Pipelining of the loads (4 / 16 warps and block_v=32 for gdn_bwd_grads lost: RESULTS.md, issue 17).
     "grads_1_stage": PallasConfig(num_stages_grad=1),
-    "grads_3_stages": PallasConfig(num_stages_grad=3),
+    "grads_2_stages": PallasConfig(num_stages_grad=2),
     "walk_3_stages": PallasConfig(num_stages_walk=3),
     "wu_2_stages": PallasConfig(num_stages_wu=2),
 }
