@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,17 +21,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from olmo_hybrid_jax.cache import GDNCache, KVCache
-from olmo_hybrid_jax.kernels import (
-    ACTIVATIONS,
-    decay_gate,
-    gated_delta_rule,
-    gated_delta_rule_step,
-    l2_normalize,
-    short_conv,
-    write_strength,
-)
+from olmo_hybrid_jax.kernels import decay_gate, gated_delta_rule, gated_delta_rule_step, l2_normalize, write_strength
 
 Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
 
 def scoped(name: str):
     """Decorator: run a module's ``__call__`` under ``jax.named_scope(name)``, so profiles and HLO dumps
@@ -92,7 +95,7 @@ class GatedRMSNorm(nnx.Module):
 
 
 class ShortConv(nnx.Module):
-    """Causal depthwise 1-D convolution over time, no bias, then an activation (``kernels.short_conv``).
+    """Causal depthwise 1-D convolution over time, no bias, then an activation.
 
     ``out[t, c] = act(sum_j kernel[j, c] * x[t - (Kc - 1) + j, c])`` with zeros before t = 0 (and before
     the start of the token's packed document when ``segment_ids`` is given). ``kernel`` is [Kc, C];
@@ -101,30 +104,39 @@ class ShortConv(nnx.Module):
 
     ``cache`` (optional, [B, Kc-1, C]) holds the previous Kc-1 *pre-conv* inputs (oldest first) and
     replaces the zero left-padding, so a prefill can be continued; the updated window is returned.
-    ``backend`` is the op's (``"auto"``: the fused Pallas kernels on GPU, the plain-JAX sum elsewhere).
     """
 
     def __init__(self, channels: int, kernel_size: int, *, activation: str = "silu", std: float = 0.02,
-                 param_dtype=jnp.float32, dtype=None, backend: str = "auto", rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
         self.kernel_size = kernel_size
         self.activation = activation
         self.dtype = dtype
-        self.backend = backend
         self.kernel = nnx.Param(_normal(std)(rngs.params(), (kernel_size, channels), param_dtype))
 
     @scoped("short_conv")
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache: Array | None = None,
                  return_cache: bool = False):
-        T = x.shape[1]
+        B, T, C = x.shape
+        Kc = self.kernel_size
         dtype = self.dtype or x.dtype
+        w = self.kernel[...].astype(dtype)
         x = x.astype(dtype)
-        if segment_ids is not None and cache is not None:
-            raise ValueError("ShortConv: segment_ids and cache cannot be combined")
-        y = short_conv(x, self.kernel[...].astype(dtype), activation=self.activation, segment_ids=segment_ids,
-                       history=None if cache is None else cache.astype(dtype), backend=self.backend)
-        if return_cache:  # the last Kc-1 inputs of [cache or zeros, x]
-            xp = jnp.pad(x, ((0, 0), (self.kernel_size - 1, 0), (0, 0))) if cache is None else jnp.concatenate(
-                [cache.astype(dtype), x], axis=1)
+        # jnp.pad, not a concatenate with zeros: on a sequence split over devices (context parallelism)
+        # XLA's partitioner pads with a (Kc-1)-token halo from the previous shard; a concatenate reshards x
+        xp = jnp.pad(x, ((0, 0), (Kc - 1, 0), (0, 0))) if cache is None else jnp.concatenate(
+            [cache.astype(dtype), x], axis=1)  # [B, T + Kc - 1, C]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("ShortConv: segment_ids and cache cannot be combined")
+            sp = jnp.pad(segment_ids, ((0, 0), (Kc - 1, 0)), constant_values=-1)
+        acc = jnp.zeros((B, T, C), jnp.float32)
+        for j in range(Kc):  # Kc is tiny (4): an unrolled sum of shifted products beats a conv op
+            tap = xp[:, j:j + T, :]
+            if segment_ids is not None:
+                tap = jnp.where((sp[:, j:j + T] == segment_ids)[..., None], tap, 0)
+            acc = acc + tap.astype(jnp.float32) * w[j].astype(jnp.float32)
+        y = ACTIVATIONS[self.activation](acc).astype(dtype)
+        if return_cache:
             return y, xp[:, T:, :]
         return y
 
@@ -402,10 +414,7 @@ class GatedDeltaNet(nnx.Module):
         self.b_proj = dense(H, self.nv, **kw)
         self.g_proj = dense(H, value_dim, **kw)
         self.o_proj = dense(value_dim, H, **kw)
-        # sharded runs keep the plain-JAX conv: XLA partitions it (halo included); the kernel's custom call
-        # would gather the whole batch and sequence onto every device
-        ckw = dict(activation=cfg.hidden_act, std=std, param_dtype=param_dtype, dtype=dtype,
-                   backend="auto" if shard_axes is None else "reference", rngs=rngs)
+        ckw = dict(activation=cfg.hidden_act, std=std, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.q_conv1d = ShortConv(key_dim, cfg.linear_conv_kernel_dim, **ckw)
         self.k_conv1d = ShortConv(key_dim, cfg.linear_conv_kernel_dim, **ckw)
         self.v_conv1d = ShortConv(value_dim, cfg.linear_conv_kernel_dim, **ckw)

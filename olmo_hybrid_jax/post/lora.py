@@ -154,7 +154,6 @@ class _ConvView:
     kernel_size: int
     activation: str
     dtype: Any
-    backend: str
 
 
 class LoraShortConv(ShortConv):
@@ -163,7 +162,6 @@ class LoraShortConv(ShortConv):
 
     def __init__(self, base: ShortConv, *, rank: int, scale: float, dtype, rngs: nnx.Rngs):
         self.kernel_size, self.activation, self.dtype = base.kernel_size, base.activation, base.dtype
-        self.backend = base.backend
         self.kernel = base.kernel
         self.scale = scale
         *lead, kc, c = base.kernel.shape
@@ -179,8 +177,7 @@ class LoraShortConv(ShortConv):
         # the sum in the wider dtype: a bf16 base with fp32 adapters keeps the adapters' precision
         w = w.astype(jnp.result_type(w.dtype, self.lora_a.dtype)) + self.delta().astype(
             jnp.result_type(w.dtype, self.lora_a.dtype))
-        view = _ConvView(kernel=w, kernel_size=self.kernel_size, activation=self.activation, dtype=self.dtype,
-                         backend=self.backend)
+        view = _ConvView(kernel=w, kernel_size=self.kernel_size, activation=self.activation, dtype=self.dtype)
         return ShortConv.__call__(view, x, **kwargs)
 
 
