@@ -99,9 +99,8 @@ PALLAS_VARIANTS: dict[str, PallasConfig] = {
     "wide_v": PallasConfig(block_v_walk=64, block_v=16, block_v_fused=32),
     "fused_2_stages": PallasConfig(num_stages_fused=2),
     "walk_8_warps": PallasConfig(num_warps_walk=8, num_warps_bwd_walk=8),
-    # Pipelining of the loads (4 / 16 warps and block_v=32 for gdn_bwd_grads lost: RESULTS.md, issue 17).
+    # gdn_bwd_grads' load pipelining against the default 3 (what lost, e.g. 4 / 16 warps, 3 stages in
+    # the reverse walk: RESULTS.md, issue 17).
     "grads_1_stage": PallasConfig(num_stages_grad=1),
     "grads_2_stages": PallasConfig(num_stages_grad=2),
-    "walk_3_stages": PallasConfig(num_stages_walk=3),
-    "wu_2_stages": PallasConfig(num_stages_wu=2),
 }
