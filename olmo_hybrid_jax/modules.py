@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from olmo_hybrid_jax.cache import GDNCache, KVCache
@@ -125,20 +126,67 @@ class ShortConv(nnx.Module):
         # XLA's partitioner pads with a (Kc-1)-token halo from the previous shard; a concatenate reshards x
         xp = jnp.pad(x, ((0, 0), (Kc - 1, 0), (0, 0))) if cache is None else jnp.concatenate(
             [cache.astype(dtype), x], axis=1)  # [B, T + Kc - 1, C]
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("ShortConv: segment_ids and cache cannot be combined")
-            sp = jnp.pad(segment_ids, ((0, 0), (Kc - 1, 0)), constant_values=-1)
-        acc = jnp.zeros((B, T, C), jnp.float32)
-        for j in range(Kc):  # Kc is tiny (4): an unrolled sum of shifted products beats a conv op
-            tap = xp[:, j:j + T, :]
-            if segment_ids is not None:
-                tap = jnp.where((sp[:, j:j + T] == segment_ids)[..., None], tap, 0)
-            acc = acc + tap.astype(jnp.float32) * w[j].astype(jnp.float32)
-        y = ACTIVATIONS[self.activation](acc).astype(dtype)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("ShortConv: segment_ids and cache cannot be combined")
+        y = _short_conv(xp, w, segment_ids, self.activation)
         if return_cache:
             return y, xp[:, T:, :]
         return y
+
+
+def _conv_keeps(segment_ids: Array | None, T: int, Kc: int) -> list[Array] | None:
+    """Per tap j, [B, T, 1]: whether row t's tap (xp row t + j) lies in t's packed document."""
+    if segment_ids is None:
+        return None
+    sp = jnp.pad(segment_ids, ((0, 0), (Kc - 1, 0)), constant_values=-1)
+    return [(sp[:, j:j + T] == segment_ids)[..., None] for j in range(Kc)]
+
+
+def _conv_pre(xp: Array, w: Array, segment_ids: Array | None) -> Array:
+    """fp32 pre-activation sum_j w[j] * xp[:, t + j] (masked taps), xp [B, T + Kc - 1, C], w [Kc, C]."""
+    T = xp.shape[1] - w.shape[0] + 1
+    keeps = _conv_keeps(segment_ids, T, w.shape[0])
+    acc = jnp.zeros(xp.shape[:1] + (T,) + xp.shape[2:], jnp.float32)
+    for j in range(w.shape[0]):  # Kc is tiny (4): an unrolled sum of shifted products beats a conv op
+        tap = xp[:, j:j + T, :] if keeps is None else jnp.where(keeps[j], xp[:, j:j + T, :], 0)
+        acc = acc + tap.astype(jnp.float32) * w[j].astype(jnp.float32)
+    return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _short_conv(xp: Array, w: Array, segment_ids: Array | None, activation: str) -> Array:
+    """act(conv) [B, T, C] in xp.dtype from the left-padded (or cache-prefixed) xp [B, T + Kc - 1, C]."""
+    return ACTIVATIONS[activation](_conv_pre(xp, w, segment_ids)).astype(xp.dtype)
+
+
+def _short_conv_fwd(xp, w, segment_ids, activation):
+    return _short_conv(xp, w, segment_ids, activation), (xp, w, segment_ids)
+
+
+def _short_conv_bwd(activation, res, dy):
+    # Written out, not autodiff: XLA's transpose of the shifted sum stored the fp32 pre-activation,
+    # summed the shifted cotangents in bf16 and reduced dw tap by tap (RESULTS.md, issue 17).
+    xp, w, segment_ids = res
+    Kc = w.shape[0]
+    T = xp.shape[1] - Kc + 1
+    acc = _conv_pre(xp, w, segment_ids)  # recomputed from xp: nothing fp32 kept from the forward
+    _, slope = jax.jvp(ACTIVATIONS[activation], (acc,), (jnp.ones_like(acc),))
+    dacc = dy.astype(jnp.float32) * slope
+    keeps = _conv_keeps(segment_ids, T, Kc)
+    dxp, dw = None, []
+    for j in range(Kc):
+        d = dacc * w[j].astype(jnp.float32)
+        tap = xp[:, j:j + T, :].astype(jnp.float32)
+        if keeps is not None:
+            d, tap = jnp.where(keeps[j], d, 0), jnp.where(keeps[j], tap, 0)
+        d = jnp.pad(d, ((0, 0), (j, Kc - 1 - j), (0, 0)))  # row t's tap j came from xp row t + j
+        dxp = d if dxp is None else dxp + d
+        dw.append(jnp.sum(dacc * tap, axis=(0, 1)))
+    dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dxp.astype(xp.dtype), jnp.stack(dw).astype(w.dtype), dseg
+
+
+_short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)
 
 
 def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
