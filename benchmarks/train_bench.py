@@ -11,12 +11,19 @@ Cases (bf16 compute, fp32 master weights, skip-step AdamW, chunked CE + z-loss, 
 - ``7b``: the full 7B (32 layers, 7.43B params), FSDP over all visible GPUs (``mesh.fsdp=-1``), batch
   ``--batch`` rows per GPU, remat dots (``configs/7b.yaml``).
 
+Several GPUs: ``--devices N`` takes the first N (8layer default 1, so ``--devices 2 mesh.context=2`` is
+the context-parallel step of a 64k row; 7b default all). ``--processes N`` runs the case as N JAX
+processes of one GPU each (jax.distributed on localhost, as a multi-host launch would), e.g. HSDP
+``--processes 4 mesh.data=2 mesh.fsdp=2`` against ``--devices 4`` in one process; process 0 reports.
+
 Every number is the median over ``--steps`` timed steps after ``--warmup`` steps, on synthetic tokens.
 MFU uses ``olmo_hybrid_jax.train.flops`` (6N + causal attention + chunked GDN core; no remat counted)
 and the device-kind peak table (H100/H200 989 TFLOP/s dense bf16).
 
     python3 benchmarks/train_bench.py --case 8layer --peer --fla-path /tmp/fla --out $OUT
     python3 benchmarks/train_bench.py --case 7b --out $OUT
+    python3 benchmarks/train_bench.py --case 8layer --devices 2 --seq 65536 --remat full mesh.context=2 --out $OUT
+    python3 benchmarks/train_bench.py --case 7b --processes 4 --out $OUT mesh.data=2 mesh.fsdp=2
     python benchmarks/train_bench.py --smoke          # CPU check of the script itself (tiny widths)
 
 Results go to stdout and ``OUT/train_bench_<case>.json``.
@@ -101,12 +108,19 @@ def run_ours(args) -> dict:
     from olmo_hybrid_jax.train.config import load_config
     from olmo_hybrid_jax.train.trainer import Trainer
 
-    ndev = jax.device_count()
+    devices = jax.devices()
+    if args.devices is not None:
+        if args.devices > len(devices):
+            raise SystemExit(f"--devices {args.devices}: only {len(devices)} visible ({devices[0].platform})")
+        devices = devices[:args.devices]
+    elif args.case == "8layer" and args.processes == 1:
+        devices = devices[:1]
+    ndev = len(devices)
     ov = overrides_for(args)
-    if args.case == "7b":
-        ov.append(f"data.global_batch_size={args.batch * ndev}")
-    cfg = load_config(REPO / "configs" / "7b.yaml", ov)
-    tr = Trainer(cfg, devices=jax.devices()[:1] if args.case == "8layer" else None)
+    if args.case == "7b":  # before the command line's overrides, which may set it (e.g. rows per context group)
+        ov.insert(len(ov) - len(args.override), f"data.global_batch_size={args.batch * ndev}")
+    cfg = load_config(REPO / args.config, ov)
+    tr = Trainer(cfg, devices=devices)
     GB, T = cfg.data.global_batch_size, cfg.data.seq_len
     print(f"ours: {tr.param_count / 1e9:.2f}B params, {tr.mcfg.num_hidden_layers} layers "
           f"({'scanned' if tr.scanned else 'list'}), mesh {dict(tr.mesh.shape)}, batch {GB} x {T}, remat "
@@ -116,9 +130,10 @@ def run_ours(args) -> dict:
     jax.block_until_ready(state)
     init_s = time.time() - t0
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, tr.mcfg.vocab_size - 1, (GB, T), dtype=np.int32)
+    rows = GB // jax.process_count()  # this process's rows (device_batch takes the process-local slice)
+    tokens = rng.integers(0, tr.mcfg.vocab_size - 1, (rows, T), dtype=np.int32)
     host = {"tokens": tokens, "segment_ids": np.zeros_like(tokens),
-            "positions": np.tile(np.arange(T, dtype=np.int32), (GB, 1))}
+            "positions": np.tile(np.arange(T, dtype=np.int32), (rows, 1))}
     batch = tr.device_batch(host)
     t0 = time.time()
     compiled = tr.step_fn.lower(state, batch).compile()
@@ -139,7 +154,8 @@ def run_ours(args) -> dict:
         prof = profile_ops(step, args.profile, log_dir, hlo_text=compiled.as_text())
         print(format_summary(prof), flush=True)
     step_s = statistics.median(times)
-    res = {"case": args.case, "device": jax.devices()[0].device_kind, "devices": ndev, "params": tr.param_count,
+    res = {"case": args.case, "device": jax.devices()[0].device_kind, "devices": ndev,
+           "processes": jax.process_count(), "params": tr.param_count,
            "batch": GB, "seq": T, "remat": cfg.model.remat, "mesh": dict(tr.mesh.shape), "init_s": init_s,
            "compile_s": compile_s, "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * t for t in times],
            "tokens_per_s": GB * T / step_s, "tokens_per_s_per_device": GB * T / step_s / ndev,
@@ -158,7 +174,7 @@ def run_ours(args) -> dict:
         res["fwd_bwd_tokens_per_s"] = GB * T / statistics.median(times)
         del fresh, p
     try:
-        res["peak_mem_gb"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 1e9
+        res["peak_mem_gb"] = jax.local_devices()[0].memory_stats()["peak_bytes_in_use"] / 1e9
     except Exception:  # noqa: BLE001  (CPU has no memory stats)
         res["peak_mem_gb"] = None
     mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] is not None else "n/a"
@@ -168,6 +184,41 @@ def run_ours(args) -> dict:
     if "fwd_bwd_ms" in res:
         print(f"ours fwd+bwd only: {res['fwd_bwd_ms']:.1f} ms, {res['fwd_bwd_tokens_per_s']:,.0f} tok/s", flush=True)
     return res
+
+
+def launch_processes(args, argv: list[str]) -> int:
+    """Run this script as ``args.processes`` JAX processes on localhost, one GPU each (CUDA_VISIBLE_DEVICES),
+    or on CPU for --smoke (one emulated device each, gloo collectives); process 0's output is shown."""
+    import socket
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    n = args.processes
+    procs = []
+    for i in range(n):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
+                   JAX_PROCESS_ID=str(i), PYTHONUNBUFFERED="1")
+        if args.smoke:
+            env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                       XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        # the others print the same; their stderr goes to a file (a pipe nobody reads would block them)
+        err = None if i == 0 else tempfile.TemporaryFile("w+")
+        procs.append((subprocess.Popen([sys.executable, __file__, *argv, "--worker"], env=env,
+                                       stdout=None if i == 0 else subprocess.DEVNULL, stderr=err, text=True), err))
+    rcs = [p.wait() for p, _ in procs]
+    bad = [i for i, rc in enumerate(rcs) if rc != 0]
+    for i in bad[:2]:
+        if procs[i][1] is not None:
+            procs[i][1].seek(0)
+            print(f"process {i} of {n} ended with {rcs[i]}:\n{procs[i][1].read()[-3000:]}", file=sys.stderr)
+    if bad:
+        print(f"train_bench: processes {bad} of {n} failed (exit codes {[rcs[i] for i in bad]})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:
@@ -186,10 +237,23 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fwd-bwd", dest="fwd_bwd", action="store_false", help="skip the fwd+bwd-only timing")
     ap.add_argument("--profile", type=int, default=0, help="profile N full steps (jax.profiler) and print "
                                                               "device time by named scope and kernel")
+    ap.add_argument("--config", default="configs/7b.yaml", help="the recipe the case starts from (e.g. "
+                    "configs/7b_long_context.yaml: 64k rows, context=2)")
+    ap.add_argument("--devices", type=int, default=None, help="use the first N devices (8layer: 1, 7b: all)")
+    ap.add_argument("--processes", type=int, default=1, help="run as N JAX processes of one GPU each (localhost)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --processes' children
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny widths on CPU: checks the script runs")
     ap.add_argument("override", nargs="*", help="extra config overrides (key=value)")
     args = ap.parse_intermixed_args(argv)
+    if args.processes < 1 or (args.devices is not None and args.devices < 1):
+        ap.error("--processes and --devices must be >= 1")
+    if args.processes > 1 and not args.worker:
+        return launch_processes(args, sys.argv[1:] if argv is None else list(argv))
+    if args.worker:
+        from olmo_hybrid_jax.train.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()  # the launcher's JAX_* variables; before any other JAX call
     if args.remat is None:
         args.remat = "none" if args.case == "8layer" else "dots"  # 51.9 / 60.7 GB peak (H200, 2026-11-26)
     if args.smoke:
@@ -198,9 +262,13 @@ def main(argv=None) -> int:
     if args.profile:  # every kernel launched alone, so the trace names its HLO op (timings then include launches)
         os.environ["XLA_FLAGS"] += " --xla_gpu_enable_command_buffer="
     result = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if args.peer and args.case == "8layer":
+    if args.peer and args.case == "8layer" and not args.worker:
         result["peer"] = run_peer(args)  # before JAX touches the GPU
     result["ours"] = run_ours(args)
+    import jax
+
+    if jax.process_index() != 0:  # every process timed the same steps; process 0 reports them
+        return 0
     peer, ours = result.get("peer"), result["ours"]
     if peer:
         result["speedup_step_vs_peer"] = ours["tokens_per_s"] / peer["tokens_per_s"]

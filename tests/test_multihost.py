@@ -148,3 +148,17 @@ def test_elastic_resume_four_devices_to_two_and_a_mesh_too_large_is_refused(unin
     assert sorted(got) == list(range(1, 7))
     assert [got[s] for s in range(1, 5)] == [ref[s] for s in range(1, 5)]  # the rows before the resume are kept
     np.testing.assert_allclose([got[s] for s in (5, 6)], [ref[s] for s in (5, 6)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_bench_runs_its_case_as_two_processes(tmp_path):
+    """benchmarks/train_bench.py --processes 2 (the HSDP run of the several-GPU benchmarks): two JAX processes
+    (one device each, gloo) time one mesh data=2 step together and process 0 alone writes the result."""
+    p = subprocess.run([sys.executable, "benchmarks/train_bench.py", "--case", "7b", "--smoke", "--processes", "2",
+                        "--no-fwd-bwd", "--out", str(tmp_path), "mesh.data=2", "mesh.fsdp=1"], cwd=REPO,
+                       env=_env(1), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert p.stdout.count("ours: step") == 1, p.stdout  # the other process's report is not shown
+    r = json.loads((tmp_path / "train_bench_7b.json").read_text())["ours"]
+    assert (r["processes"], r["devices"], r["mesh"]["data"], r["batch"]) == (2, 2, 2, 2)
+    assert np.isfinite(r["final_loss"]) and r["step_ms"] > 0
