@@ -203,8 +203,11 @@ def launch_processes(args, argv: list[str]) -> int:
         if args.smoke:
             env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                        XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        else:  # the i-th of the GPUs this launcher sees
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            if visible and len(visible) < n:
+                raise SystemExit(f"--processes {n}: CUDA_VISIBLE_DEVICES lists only {len(visible)} GPUs")
+            env["CUDA_VISIBLE_DEVICES"] = visible[i] if visible else str(i)
         # the others print the same; their stderr goes to a file (a pipe nobody reads would block them)
         err = None if i == 0 else tempfile.TemporaryFile("w+")
         procs.append((subprocess.Popen([sys.executable, __file__, *argv, "--worker"], env=env,
