@@ -117,7 +117,9 @@ class ShortConv(nnx.Module):
     @scoped("short_conv")
     def __call__(self, x: Array, *, segment_ids: Array | None = None, cache: Array | None = None,
                  return_cache: bool = False):
-        B, T, C = x.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("ShortConv: segment_ids and cache cannot be combined")
+        T = x.shape[1]
         Kc = self.kernel_size
         dtype = self.dtype or x.dtype
         w = self.kernel[...].astype(dtype)
@@ -126,8 +128,6 @@ class ShortConv(nnx.Module):
         # XLA's partitioner pads with a (Kc-1)-token halo from the previous shard; a concatenate reshards x
         xp = jnp.pad(x, ((0, 0), (Kc - 1, 0), (0, 0))) if cache is None else jnp.concatenate(
             [cache.astype(dtype), x], axis=1)  # [B, T + Kc - 1, C]
-        if segment_ids is not None and cache is not None:
-            raise ValueError("ShortConv: segment_ids and cache cannot be combined")
         y = _short_conv(xp, w, segment_ids, self.activation)
         if return_cache:
             return y, xp[:, T:, :]
@@ -164,8 +164,8 @@ def _short_conv_fwd(xp, w, segment_ids, activation):
 
 
 def _short_conv_bwd(activation, res, dy):
-    # Written out, not autodiff: XLA's transpose of the shifted sum stored the fp32 pre-activation,
-    # summed the shifted cotangents in bf16 and reduced dw tap by tap (RESULTS.md, issue 17).
+    # Written out, not autodiff: autodiff summed the shifted cotangents in bf16 (dx twice as far from
+    # the fp32 oracle); here dx is summed in fp32 and rounded once (RESULTS.md, issue 17, run D).
     xp, w, segment_ids = res
     Kc = w.shape[0]
     T = xp.shape[1] - Kc + 1
